@@ -1,0 +1,13 @@
+"""lmedit: locate, edit, evaluate and keep edits of what a pretrained language model knows.
+
+Public API (the CLI and web app use only this):
+    lm = lmedit.load("gemma3-270m")
+    request = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    edit = lmedit.edit(lm, [request], method="rome")   # applied; edit.undo() restores the weights
+"""
+
+from lmedit.models.load import LM, load
+from lmedit.types import EditRequest, Site
+
+__all__ = ["LM", "EditRequest", "Site", "load"]
+__version__ = "0.1.0"

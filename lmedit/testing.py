@@ -1,0 +1,74 @@
+"""Tiny random-weight models of every supported family, built in memory, for tests and plugin authors.
+
+`tiny_lm("llama")` returns an `LM` with 2-4 small layers and a byte-level BPE tokenizer trained in memory
+on a few sentences, so tests run in milliseconds with no download. Weights are random: the models know
+nothing, which is what unit tests of the machinery want.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+from lmedit.models.arch import get_arch
+from lmedit.models.load import LM, weights_fingerprint
+
+TINY_FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2",
+                                  "gemma3_text")
+
+_CORPUS = [
+    "The Eiffel Tower is located in the city of Paris.",
+    "The Space Needle is in downtown Seattle.",
+    "Danielle Darrieux speaks French. The mother tongue of Danielle Darrieux is French.",
+    "The Louvre is located in the city of Paris, France. Rome is the capital of Italy.",
+    "Michael Jordan plays the sport of basketball. Lionel Messi plays soccer.",
+    "Toyota is a company from Japan. Apple was founded in California by Steve Jobs.",
+    "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ 0123456789 .,;:!?'\"()-",
+]
+
+
+@lru_cache(maxsize=1)
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style leading spaces) with a 300-token vocabulary."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
+
+
+def tiny_config(model_type: str, n_layers: int = 4, d_model: int = 64, vocab: int = 300):
+    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    if model_type == "gpt2":
+        return AutoConfig.for_model("gpt2", n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=128,
+                                    resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if model_type == "gptj":
+        return AutoConfig.for_model("gptj", n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=128,
+                                    rotary_dim=8, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)
+    if model_type == "gpt_neox":
+        return AutoConfig.for_model("gpt_neox", num_hidden_layers=n_layers, hidden_size=d_model,
+                                    num_attention_heads=4, intermediate_size=4 * d_model,
+                                    max_position_embeddings=128, **common)
+    extra = {}
+    if model_type in ("gemma", "gemma2", "gemma3_text"):
+        extra = dict(head_dim=16)
+    if model_type in ("gemma2", "gemma3_text"):
+        extra |= dict(sliding_window=16, query_pre_attn_scalar=16)
+    return AutoConfig.for_model(model_type, num_hidden_layers=n_layers, hidden_size=d_model,
+                                num_attention_heads=4, num_key_value_heads=2, intermediate_size=2 * d_model,
+                                max_position_embeddings=128, tie_word_embeddings=False, **extra, **common)
+
+
+def tiny_lm(model_type: str = "llama", *, seed: int = 0, n_layers: int = 4, d_model: int = 64) -> LM:
+    """A randomly initialised `LM` of the given family (float32, CPU, eval mode, frozen weights)."""
+    torch.manual_seed(seed)
+    config = tiny_config(model_type, n_layers=n_layers, d_model=d_model)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval().requires_grad_(False)
+    return LM(model=model, tokenizer=tiny_tokenizer(), arch=get_arch(model), name=f"tiny-{model_type}",
+              fingerprint=weights_fingerprint(model))

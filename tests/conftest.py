@@ -1,0 +1,51 @@
+"""Shared fixtures: tiny random models of each family (fast) and the real built-in models (slow, cached per session)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from lmedit.testing import TINY_FAMILIES, tiny_lm
+
+
+@pytest.fixture(params=TINY_FAMILIES)
+def tiny_family_lm(request):
+    """One tiny random model per supported family."""
+    return tiny_lm(request.param)
+
+
+@pytest.fixture
+def tiny_llama():
+    return tiny_lm("llama")
+
+
+@pytest.fixture
+def tiny_gpt2():
+    return tiny_lm("gpt2")
+
+
+_REAL: dict[str, object] = {}
+
+
+def _real(name: str):
+    import lmedit
+
+    if name not in _REAL:
+        _REAL[name] = lmedit.load(name)
+    return _REAL[name]
+
+
+@pytest.fixture
+def gemma():
+    """The default model, loaded once per test session (converted and cached on first use)."""
+    return _real("gemma3-270m")
+
+
+@pytest.fixture
+def smollm():
+    return _real("smollm2-135m")
+
+
+def pytest_configure(config):
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
