@@ -6,8 +6,9 @@ Public API (the CLI and web app use only this):
     edit = lmedit.edit(lm, [request], method="rome")   # applied; edit.undo() restores the weights
 """
 
+from lmedit.editors import Edit, WeightEdit, edit, load_edit
 from lmedit.models.load import LM, load
 from lmedit.types import EditRequest, Site
 
-__all__ = ["LM", "EditRequest", "Site", "load"]
+__all__ = ["LM", "Edit", "EditRequest", "Site", "WeightEdit", "edit", "load", "load_edit"]
 __version__ = "0.1.0"

@@ -77,3 +77,9 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+# The project's registries. Plugins register into these; nothing else keeps a list of methods.
+editors: Registry[Any] = Registry("editor", entry_point_group="lmedit.editors")
+datasets: Registry[Any] = Registry("dataset")
+metrics: Registry[Any] = Registry("metric")

@@ -1,0 +1,61 @@
+"""Built-in editors, imported explicitly (one list, one place), and `edit()`, the public entry point.
+
+Each editor module registers its class in `lmedit.registry.editors` under its own file name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from lmedit.config import from_dict, load_config
+
+from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, load_edit
+from lmedit.registry import editors
+from lmedit.types import EditRequest
+
+if TYPE_CHECKING:
+    from lmedit.models.load import LM
+
+__all__ = ["Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "edit", "get_editor", "load_edit"]
+
+
+def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path | None = None,
+               overrides: list[str] | None = None) -> Editor:
+    """Instantiate the registered editor `method` with a config object, dict, or YAML path (+ key=value overrides)."""
+    cls = editors.get(method)
+    config_class = cls.config_class
+    if isinstance(config, EditorConfig):
+        if overrides:
+            raise ValueError("overrides apply to a config file or dict, not to a config object")
+        return cls(config)
+    if isinstance(config, dict):
+        merged = dict(config)
+        for item in overrides or []:
+            key, _, value = item.partition("=")
+            merged[key] = value
+        return cls(from_dict(config_class, merged))
+    return cls(load_config(config_class, config, overrides))
+
+
+def edit(lm: LM, requests: EditRequest | Sequence[EditRequest], method: str = "rome", *,
+         config: EditorConfig | dict[str, Any] | str | Path | None = None, apply: bool = True) -> Edit:
+    """Edit `lm` so that each request's prompt is completed by its `target_new`.
+
+    Args:
+        lm: the model bundle (its weights change only if `apply`).
+        requests: one request or several (methods that take one at a time apply them in sequence).
+        method: a registered editor name (`lmedit ls editors`).
+        config: the editor's config object, a dict, or a YAML path; defaults to the method's defaults.
+        apply: apply the edit before returning it (undo with `edit.undo()`).
+
+    Returns:
+        The `Edit`, applied when `apply` is True.
+    """
+    if isinstance(requests, EditRequest):
+        requests = [requests]
+    result = get_editor(method, config).edit(lm, list(requests))
+    if apply:
+        result.apply(lm)
+    return result

@@ -1,0 +1,109 @@
+"""Scoring text under a model: whole-target log-probabilities, next-token distributions, generation.
+
+Every function batches its inputs and computes logits only at the positions it needs: the
+unembedding (262k words for Gemma 3) dominates a small model's forward otherwise.
+
+Two metric families rest on `score_targets`: probability comparison (ROME/MEMIT: sum of the target
+tokens' log-probs) and teacher-forced token accuracy (EasyEdit: fraction of target tokens that are the
+argmax given the gold prefix). Both come out of the same forward pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmedit.hooks import capture
+from lmedit.tokens import pad_batch, prompt_ids, target_ids
+from lmedit.types import Site
+
+if TYPE_CHECKING:
+    from lmedit.models.load import LM
+
+
+def logits_at(lm: LM, batch_inputs: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Run the model and return logits only at (rows[i], positions[i]) -> (n, d_vocab).
+
+    The forward stops after the final norm; the unembedding runs on the selected positions only.
+    Gradients flow when called outside `torch.no_grad()`.
+    """
+    site = Site("final_norm")
+    with capture(lm, [site], stop_after=site, detach=False) as acts:
+        lm.model(**batch_inputs, use_cache=False)
+    hidden = acts[site][rows, positions]  # (n, d_model)
+    return lm.arch.logits_from_final(lm.model, hidden)
+
+
+@dataclass(frozen=True)
+class TargetScore:
+    """Scores of one target continuation: log P(target | prompt) and teacher-forced token accuracy."""
+
+    logprob: float       # sum of the target tokens' log-probabilities
+    n_tokens: int
+    token_accuracy: float  # fraction of target tokens that are the argmax given the gold prefix
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob / self.n_tokens
+
+
+@torch.no_grad()
+def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32) -> list[TargetScore]:
+    """Score `targets[i]` as a continuation of `prompts[i]` (filled prompts, no `{}`)."""
+    if len(prompts) != len(targets):
+        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    out: list[TargetScore] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(start + batch_size, len(prompts)))
+        p_ids = [prompt_ids(lm, prompts[i]) for i in chunk]
+        t_ids = [target_ids(lm, targets[i]) for i in chunk]
+        batch = pad_batch(lm, [p + t for p, t in zip(p_ids, t_ids)])
+        rows, positions, gold = [], [], []
+        for r, (p, t) in enumerate(zip(p_ids, t_ids)):
+            for j, tok in enumerate(t):
+                rows.append(r)
+                positions.append(len(p) + j - 1)  # the logits predicting target token j
+                gold.append(tok)
+        logits = logits_at(lm, batch.model_inputs(), torch.tensor(rows, device=lm.device),
+                           torch.tensor(positions, device=lm.device))
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        gold_t = torch.tensor(gold, device=lm.device)
+        tok_lp = logp.gather(1, gold_t[:, None])[:, 0]
+        correct = logp.argmax(-1) == gold_t
+        k = 0
+        for t in t_ids:
+            n = len(t)
+            out.append(TargetScore(logprob=tok_lp[k:k + n].sum().item(), n_tokens=n,
+                                   token_accuracy=correct[k:k + n].float().mean().item()))
+            k += n
+    return out
+
+
+@torch.no_grad()
+def next_token_logprobs(lm: LM, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
+    """Log-probabilities of the next token after each prompt -> (n, d_vocab)."""
+    chunks = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [prompt_ids(lm, p) for p in prompts[start:start + batch_size]]
+        batch = pad_batch(lm, ids)
+        rows = torch.arange(len(ids), device=lm.device)
+        last = torch.tensor(batch.lengths, device=lm.device) - 1
+        chunks.append(torch.log_softmax(logits_at(lm, batch.model_inputs(), rows, last).float(), dim=-1))
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def generate(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 20, greedy: bool = True,
+             temperature: float = 1.0, seed: int | None = None) -> list[str]:
+    """Continue each prompt; returns only the new text. Left-pads the batch as generation needs."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(lm.device)
+    out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                            temperature=temperature if not greedy else None, top_p=None, top_k=None,
+                            pad_token_id=lm.tokenizer.pad_token_id)
+    new = out[:, enc["input_ids"].shape[1]:]
+    return lm.tokenizer.batch_decode(new, skip_special_tokens=True)
