@@ -7,8 +7,10 @@ Public API (the CLI and web app use only this):
 """
 
 from lmedit.editors import Edit, WeightEdit, edit, load_edit
+from lmedit.eval import evaluate
 from lmedit.models.load import LM, load
+from lmedit.tracing import TraceResult, suggest_layer, trace
 from lmedit.types import EditRequest, Site
 
-__all__ = ["LM", "Edit", "EditRequest", "Site", "WeightEdit", "edit", "load", "load_edit"]
+__all__ = ["LM", "Edit", "EditRequest", "Site", "WeightEdit", "edit", "evaluate", "load", "load_edit", "TraceResult", "suggest_layer", "trace"]
 __version__ = "0.1.0"

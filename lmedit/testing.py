@@ -30,20 +30,25 @@ _CORPUS = [
 ]
 
 
+_VOCAB = 512
+
+
 @lru_cache(maxsize=1)
 def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer (GPT-2 style leading spaces) with a 300-token vocabulary."""
+    """A byte-level BPE tokenizer (GPT-2 style leading spaces) trained on a few sentences: whole words are tokens."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<bos>", "<eos>"],
+    trainer = trainers.BpeTrainer(vocab_size=_VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(_CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 
-def tiny_config(model_type: str, n_layers: int = 4, d_model: int = 64, vocab: int = 300):
-    common = dict(vocab_size=vocab, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+def tiny_config(model_type: str, n_layers: int = 4, d_model: int = 64, vocab: int | None = None):
+    # initializer_range 0.15 (HF default 0.02): with the default, a tiny model's logits span ~0.1 nats, so no
+    # single activation can move its predictions and edits/traces have nothing to find.
+    common = dict(vocab_size=vocab or len(tiny_tokenizer()), bos_token_id=1, eos_token_id=2, pad_token_id=0, initializer_range=0.15)
     if model_type == "gpt2":
         return AutoConfig.for_model("gpt2", n_layer=n_layers, n_embd=d_model, n_head=4, n_positions=128,
                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **common)

@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 
 from lmedit.errors import LMEditError
 
-SUBCOMMANDS = ("models", "generate", "edit", "trace")
+SUBCOMMANDS = ("models", "generate", "edit", "trace", "eval")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmedit.config import from_dict, load_config
+from lmedit.editors import rome  # noqa: F401  (registers "rome")
+from lmedit.editors import noop  # noqa: F401  (registers "noop")
 
 from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, load_edit
 from lmedit.registry import editors

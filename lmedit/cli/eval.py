@@ -1,0 +1,115 @@
+"""`lmedit eval`: evaluate editing methods on a dataset beside the unedited model; write JSONL, summary, report, plots."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+import lmedit
+from lmedit.cli._common import add_model_args, console, load_model
+from lmedit.eval import EvalConfig, ProgressEvent
+from lmedit.eval.report import write_report
+from lmedit.registry import datasets, editors
+
+EPILOG = """examples:
+  lmedit eval --method rome --dataset counterfact --data ../shared/data/counterfact/easyedit_format/counterfact-edit.json --limit 100
+  lmedit eval --method rome --method noop --dataset starter --limit 20 --generation 40
+  lmedit eval --method rome --dataset starter --mode sequential --limit 50 --checkpoint-every 10 --out runs/seq
+  lmedit eval --method rome --dataset counterfact --limit 100 --out runs/cf --resume
+  lmedit eval --report-only runs/cf/rome-single runs/cf/noop-single --out runs/cf
+"""
+
+HEADLINE = ("efficacy_score", "paraphrase_score", "neighborhood_score", "specificity_plus_score", "neighborhood_kl",
+            "efficacy_acc", "fluency")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("eval", help="evaluate editing methods on a benchmark", epilog=EPILOG,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--method", action="append", default=[],
+                   help=f"editor to evaluate; repeat to compare (registered: {', '.join(editors.names())})")
+    p.add_argument("--dataset", default="starter", help=f"registered dataset ({', '.join(datasets.names())})")
+    p.add_argument("--data", help="dataset file or URL (default: the dataset's packaged or cached file)")
+    p.add_argument("--limit", type=int, help="evaluate the first N valid records")
+    p.add_argument("--mode", choices=("single", "batch", "sequential"), default="single")
+    p.add_argument("--batch-size", type=int, default=10, help="batch mode: records edited together")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="sequential: re-measure every K edits (0: ~10 checkpoints)")
+    p.add_argument("--n-drift", type=int, default=20, help="sequential: unrelated records measured for drift")
+    p.add_argument("--generation", type=int, default=0, metavar="TOKENS",
+                   help="generate TOKENS per generation prompt for fluency/consistency (default 0: off)")
+    p.add_argument("--config", help="YAML file of the method's settings (one --method only)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one method config field")
+    p.add_argument("--out", help="output directory (default: runs/eval-<dataset>)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--strict", action="store_true", help="fail on an invalid record instead of skipping it")
+    p.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR", help="earlier run directories to add to the report")
+    p.add_argument("--report-only", nargs="+", metavar="RUN_DIR", help="only write a report from existing run directories")
+    p.set_defaults(run=run)
+
+
+def _bar() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=False)
+
+
+def _print_table(summaries: list[dict]) -> None:
+    table = Table(title="mean [95% interval]")
+    table.add_column("")
+    table.add_column("Score")
+    first = summaries[0]
+    shown = [n for n in HEADLINE if any(s["edited"]["metrics"].get(n, {}).get("n") for s in summaries)]
+    for name in shown:
+        meta = first["metrics"][name]
+        table.add_column(f"{meta['label']} {'↑' if meta['higher_is_better'] else '↓'}")
+
+    def cell(stats: dict) -> str:
+        return "–" if not stats or stats.get("mean") is None else f"{stats['mean']:.3f} [{stats['lo']:.2f}, {stats['hi']:.2f}]"
+
+    rows = [("unedited", first["unedited"])] + [(s["run"]["method"], s["edited"]) for s in summaries]
+    for label, state in rows:
+        table.add_row(label, cell(state["score"]), *[cell(state["metrics"].get(n, {})) for n in shown])
+    console.print(table)
+
+
+def run(args: argparse.Namespace) -> int:
+    out = Path(args.out or f"runs/eval-{args.dataset}")
+    if args.report_only:
+        paths = write_report(args.report_only, out)
+        console.print(f"report: {paths['markdown']}  {paths['html']}")
+        return 0
+    if not args.method:
+        console.print("[red]error:[/] give at least one --method (see `lmedit ls editors`)")
+        return 2
+    if (args.config or args.set) and len(args.method) > 1:
+        console.print("[red]error:[/] --config/--set apply to one --method; run the methods separately")
+        return 2
+    config = EvalConfig(mode=args.mode, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
+                        n_drift=args.n_drift, generation_tokens=args.generation, strict=args.strict)
+    lm = load_model(args)
+    dataset = lmedit.eval.load_dataset(args.dataset, args.data, strict=args.strict)
+    run_dirs, summaries = [], []
+    for method in args.method:
+        editor = lmedit.editors.get_editor(method, args.config, args.set or None)
+        run_dir = out / f"{method}-{args.mode}"
+        with _bar() as bar:
+            task = bar.add_task(f"{method}", total=None)
+
+            def on_progress(event: ProgressEvent, task=task, bar=bar, method=method) -> None:
+                bar.update(task, completed=event.done, total=event.total, description=f"{method} {event.stage}")
+
+            result = lmedit.evaluate(lm, dataset, editor, limit=args.limit, config=config, out_dir=run_dir,
+                                     resume=args.resume, progress=on_progress)
+        run_dirs.append(run_dir)
+        summaries.append(result.summary)
+        skipped = result.summary["skipped"]
+        if skipped["count"]:
+            console.print(f"{method}: skipped {skipped['count']} record(s): {skipped['by_reason']} (see {run_dir}/skipped.jsonl)")
+    _print_table(summaries)
+    paths = write_report(run_dirs + [Path(p) for p in args.compare], out)
+    console.print(f"records: {', '.join(str(d / 'records.jsonl') for d in run_dirs)}")
+    console.print(f"report:  {paths['markdown']}  {paths['html']}  plots: {out / 'plots'}")
+    return 0

@@ -1,0 +1,176 @@
+"""ROME, Rank-One Model Editing (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", arXiv:2202.05262).
+
+Edits one MLP down-projection W at layer l so that the key of the subject, k*, maps to a value v* that
+makes the model say target_new:  W' = W + Λ (C⁻¹k*)ᵀ,  Λ = (v* − W k* − b) / ((C⁻¹k*)ᵀ k*),
+so W' k* = v* exactly, while keys uncorrelated with k* under C = E[k kᵀ] are barely moved.
+
+Legend: `k*` (d_mlp): mean key at the subject's last token over the prompt and ~20 model-generated
+prefixes; `v*` (d_model): optimised output (`editors/_value.py`); `C` (d_mlp, d_mlp): key second moment
+(`stats.py`).
+
+By default the same prefix-averaged k* is used in Λ and in C⁻¹k* (R-ROME, Gupta et al. 2024,
+"Rebuilding ROME", arXiv:2403.07175): the original code used the bare-prompt key in Λ's denominator,
+which occasionally makes it tiny and the update huge ("disabling edits"). `original_key_mix=True`
+reproduces the paper's code for comparison.
+
+Not handled: several requests in one rank-one update (they are applied one after another, each on top
+of the previous; use MEMIT for batches).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from lmedit.config import to_dict
+from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value, subject_keys
+from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
+from lmedit.errors import EditFailedError
+from lmedit.registry import editors
+from lmedit.stats import CorpusSpec, StatsCache, key_second_moment
+from lmedit.types import EditRequest
+
+if TYPE_CHECKING:
+    from lmedit.models.load import LM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RomeConfig(EditorConfig):
+    layer: int | None = None           # edited block; None = the causal-tracing suggestion for this model
+    v_steps: int = 20                  # Adam steps for v* (ROME: 20)
+    v_lr: float = 0.5                  # Adam lr for v* (ROME: 0.5)
+    kl_factor: float = 0.0625          # essence-drift KL weight (ROME: 0.0625)
+    v_weight_decay: float = 0.5        # ‖δ‖/‖v‖² penalty (ROME GPT-2 XL: 0.5)
+    clamp_norm_factor: float = 4.0     # ‖v* − v‖ ≤ 4‖v‖ (ROME)
+    prefixes_short: int = 10           # number of 5-token random prefixes (ROME: 10)
+    prefixes_long: int = 10            # number of 10-token random prefixes (ROME: 10)
+    corpus: str = "sampled"            # statistics corpus: sampled | docstrings | file:PATH
+    corpus_tokens: int = 20_000        # tokens averaged into C (see benchmarks/bench_stats.py for the choice)
+    cov_shrinkage: float = 0.0         # C ← (1−s)·C + s·tr(C)/d·I; helps when corpus_tokens is small
+    original_key_mix: bool = False     # True: paper code (bare-prompt key in Λ) — reproduces disabling edits
+
+    def __post_init__(self) -> None:
+        if self.layer is not None and self.layer < 0:
+            raise ValueError(f"RomeConfig.layer must be >= 0, got {self.layer}")
+        if self.v_steps < 1:
+            raise ValueError("RomeConfig.v_steps must be >= 1")
+        if not 0.0 <= self.cov_shrinkage < 1.0:
+            raise ValueError("RomeConfig.cov_shrinkage must be in [0, 1)")
+        if self.corpus_tokens < 1:
+            raise ValueError("RomeConfig.corpus_tokens must be >= 1")
+        CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
+
+    def value_options(self) -> ValueOptions:
+        return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
+                            weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor)
+
+
+def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
+                    v_star: torch.Tensor, k_denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's closed form in float64: factors (left, right) with Δ = left @ right.T, W' k* = v*.
+
+    Args:
+        W: (d_model, d_mlp) canonical weight; bias: (d_model,) or None.
+        C: (d_mlp, d_mlp) key second moment.
+        k_star: (d_mlp,) key; v_star: (d_model,) target value.
+        k_denominator: the key used in Λ's denominator (ROME's original code: the bare-prompt key).
+
+    Returns:
+        left (d_model, 1) = Λ and right (d_mlp, 1) = C⁻¹k*.
+    """
+    W64, C64, k = W.to(torch.float64), C.to(torch.float64), k_star.to(torch.float64)
+    u = torch.linalg.solve(C64, k)                      # (d_mlp,) C⁻¹k*
+    k_den = k if k_denominator is None else k_denominator.to(torch.float64)
+    current = W64 @ k + (bias.to(torch.float64) if bias is not None else 0.0)
+    lam = (v_star.to(torch.float64) - current) / (u @ k_den)  # (d_model,)
+    return lam[:, None], u[:, None]
+
+
+@editors.register("rome")
+class RomeEditor(Editor[RomeConfig]):
+    """Rank-One Model Editing (arXiv:2202.05262). Edits one MLP down-projection per request."""
+
+    config_class = RomeConfig
+
+    def __init__(self, config: RomeConfig | None = None, *, cache: StatsCache | None = None) -> None:
+        super().__init__(config)
+        self.cache = cache if cache is not None else StatsCache()
+
+    def layer_for(self, lm: LM) -> int:
+        if self.config.layer is not None:
+            if self.config.layer >= lm.n_layers:
+                raise ValueError(f"RomeConfig.layer={self.config.layer} but the model has {lm.n_layers} layers")
+            return self.config.layer
+        from lmedit.tracing import suggest_layer
+
+        return suggest_layer(lm).layer
+
+    def covariance(self, lm: LM, layer: int) -> torch.Tensor:
+        spec = CorpusSpec(source=self.config.corpus, n_tokens=self.config.corpus_tokens, seed=self.config.seed)
+        C = key_second_moment(lm, [layer], spec, cache=self.cache)[layer]
+        s = self.config.cov_shrinkage
+        if s:
+            C = (1 - s) * C + s * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        return C
+
+    def edit(self, lm: LM, requests: Sequence[EditRequest]) -> WeightEdit:
+        """Compute ROME updates for `requests`, one after another (each sees the previous ones applied).
+
+        The model's weights are restored before returning: the result is an unapplied `WeightEdit`
+        whose deltas sum the per-request rank-one factors (rank = number of requests).
+        """
+        requests = check_requests(requests)
+        layer = self.layer_for(lm)
+        torch.manual_seed(self.config.seed)
+        C = self.covariance(lm, layer)
+        prefixes = context_prefixes(lm, ((5, self.config.prefixes_short), (10, self.config.prefixes_long)),
+                                    seed=self.config.seed, cache=self.cache)
+        param = lm.arch.param_name(lm.model, layer, "mlp_out")
+        module = lm.arch.block_module(lm.model, layer, "mlp_out")
+        lefts, rights, infos = [], [], []
+        applied: list[WeightEdit] = []
+        try:
+            for request in requests:
+                left, right, info = self._one(lm, layer, request, C, prefixes, module)
+                p_left, p_right = lm.arch.factors_to_param_layout(left, right)
+                lefts.append(p_left)
+                rights.append(p_right)
+                infos.append(info)
+                if len(requests) > 1:  # later requests are computed on the model with earlier ones applied
+                    step = WeightEdit({param: ParamDelta(left=p_left, right=p_right)})
+                    applied.append(step.apply(lm, check_fingerprint=False))
+        finally:
+            for step in reversed(applied):
+                step.undo()
+        delta = ParamDelta(left=torch.cat(lefts, 1).to(torch.float32), right=torch.cat(rights, 1).to(torch.float32))
+        return WeightEdit(deltas={param: delta}, requests=requests, method="rome", config=to_dict(self.config),
+                          base_fingerprint=lm.fingerprint, info={"layer": layer, "requests": infos})
+
+    def _one(self, lm: LM, layer: int, request: EditRequest, C: torch.Tensor, prefixes: Sequence[str],
+             module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        templates = [p + request.prompt for p in prefixes]
+        keys = subject_keys(lm, layer, templates, request.subject)  # (n_templates, d_mlp)
+        k_star = keys.mean(0)
+        value = optimize_value(lm, layer, request, prefixes, self.config.value_options())
+        W = lm.arch.weight(lm.model, layer, "mlp_out")
+        bias = getattr(module, "bias", None)
+        k_den = keys[0] if self.config.original_key_mix else None  # keys[0]: the bare prompt ("" prefix)
+        left, right = rank_one_update(W, bias, C, k_star, value.v_star, k_den)
+        if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
+            raise EditFailedError(f"ROME produced a non-finite update for {request.subject!r}; the model is unchanged")
+        denominator = float(right[:, 0] @ (k_den if k_den is not None else k_star).to(torch.float64))
+        info = {
+            "subject": request.subject, "target_new": request.target_new, "v_steps": value.steps,
+            "v_nll": value.nll, "v_loss": value.losses, "delta_norm": float((value.v_star - value.v_init).norm()),
+            "v_norm": float(value.v_init.norm()), "denominator": denominator,
+            "update_norm": float(left.norm() * right.norm()), "v_star": value.v_star.tolist(),
+        }
+        log.info("ROME %s -> %s at layer %d: nll %.3f after %d steps, ‖Δ‖=%.3g", request.subject,
+                 request.target_new, layer, value.nll, value.steps, info["update_norm"])
+        return left, right, info

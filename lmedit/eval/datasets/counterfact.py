@@ -1,0 +1,120 @@
+"""CounterFact (Meng et al. 2022, arXiv:2202.05262) and MultiCounterFact (Meng et al. 2023, arXiv:2210.07229).
+
+Two public layouts, recognised per record:
+  ROME JSON   {"case_id", "requested_rewrite": {"prompt" with {}, "subject", "target_new": {"str"},
+              "target_true": {"str"}, "relation_id"}, "paraphrase_prompts", "neighborhood_prompts",
+              "attribute_prompts", "generation_prompts"}
+  EasyEdit    {"case_id", "prompt" (filled), "subject", "target_new", "ground_truth", "rephrase_prompt",
+              "locality_prompt", "locality_ground_truth"}  (one paraphrase, one neighbour, nothing else)
+Neighbourhood prompts share target_true, so each is a probe target_true vs target_new. Reference text
+for consistency: ROME's attribute prompts (other subjects whose object is target_new) completed with
+target_new, since the attribute snippets file is not distributed with the records.
+
+Not handled: ROME's Wikipedia attribute snippets and IDF file (consistency uses the IDF of the run).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
+from lmedit.eval.records import EvalRecord, Probe
+from lmedit.registry import datasets
+
+ROME_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
+MEMIT_URL = "https://memit.baulab.info/data/dsets/multi_counterfact.json"
+
+
+def _strings(issues: Issues, index: int, case_id: Any, record: dict[str, Any], key: str) -> list[str] | None:
+    value = record.get(key, [])
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        issues.add(index, case_id, key, f"must be a list of strings, got {type(value).__name__}")
+        return None
+    return value
+
+
+def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
+    case_id = raw.get("case_id")
+    rewrite = raw["requested_rewrite"]
+    if not isinstance(rewrite, dict):
+        issues.add(index, case_id, "requested_rewrite", "must be an object")
+        return None
+    missing = require(rewrite, ("prompt", "subject", "target_new", "target_true"))
+    if missing:
+        issues.add(index, case_id, f"requested_rewrite.{missing[0]}", f"missing (also missing: {missing[1:]})"
+                   if len(missing) > 1 else "missing")
+        return None
+    request = make_request(issues, index, case_id, "requested_rewrite", rewrite["prompt"], rewrite["subject"],
+                           text_of(rewrite["target_new"]), text_of(rewrite["target_true"]))
+    if request is None:
+        return None
+    lists = {k: _strings(issues, index, case_id, raw, k)
+             for k in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")}
+    if any(v is None for v in lists.values()):
+        return None
+    new, true = request.target_new, request.target_true
+    return EvalRecord(
+        case_id=str(case_id),
+        requests=(request,),
+        paraphrases=tuple(Probe(p, new, true) for p in lists["paraphrase_prompts"]),
+        neighborhood=tuple(Probe(p, true, new) for p in lists["neighborhood_prompts"]),  # type: ignore[arg-type]
+        generation_prompts=tuple(lists["generation_prompts"]),  # type: ignore[arg-type]
+        reference_texts=tuple(f"{p} {new}." for p in lists["attribute_prompts"]),  # type: ignore[union-attr]
+        relation=rewrite.get("relation_id"),
+        source=source,
+    )
+
+
+def _easyedit(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
+    case_id = raw.get("case_id")
+    missing = require(raw, ("prompt", "subject", "target_new", "ground_truth"))
+    if missing:
+        issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
+        return None
+    request = make_request(issues, index, case_id, "", raw["prompt"], raw["subject"], text_of(raw["target_new"]),
+                           text_of(raw["ground_truth"]))
+    if request is None:
+        return None
+    paraphrases, neighborhood = [], []
+    if raw.get("rephrase_prompt"):
+        paraphrases.append(Probe(raw["rephrase_prompt"], request.target_new, request.target_true))
+    if raw.get("locality_prompt"):
+        answer = raw.get("locality_ground_truth")
+        if not isinstance(answer, str) or not answer.strip():
+            issues.add(index, case_id, "locality_ground_truth", "missing while locality_prompt is given")
+            return None
+        neighborhood.append(Probe(raw["locality_prompt"], answer.strip(), request.target_new))
+    return EvalRecord(case_id=str(case_id), requests=(request,), paraphrases=tuple(paraphrases),
+                      neighborhood=tuple(neighborhood), source=source)
+
+
+def load_counterfact(path: Path, issues: Issues) -> list[EvalRecord]:
+    """Read CounterFact in either layout (see the module docstring); invalid records go to `issues`."""
+    records = []
+    for index, raw in read_records(path):
+        source = f"{path.name}:{index}"
+        if not isinstance(raw, dict):
+            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
+            continue
+        if "case_id" not in raw:
+            issues.add(index, None, "case_id", "missing")
+            continue
+        if "requested_rewrite" in raw:
+            record = _rome(issues, index, raw, source)
+        elif "ground_truth" in raw or "prompt" in raw:
+            record = _easyedit(issues, index, raw, source)
+        else:
+            issues.add(index, raw.get("case_id"), "requested_rewrite",
+                       f"missing: neither the ROME layout (requested_rewrite) nor the EasyEdit layout "
+                       f"(prompt/ground_truth); keys are {sorted(raw)}")
+            continue
+        if record is not None:
+            records.append(record)
+    return records
+
+
+datasets.register("counterfact", filename="counterfact.json", url=ROME_URL,
+                  description="CounterFact (ROME JSON or EasyEdit layout)")(load_counterfact)
+datasets.register("multi_counterfact", filename="multi_counterfact.json", url=MEMIT_URL,
+                  description="MultiCounterFact (MEMIT; ROME JSON layout)")(load_counterfact)

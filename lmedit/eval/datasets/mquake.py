@@ -1,0 +1,63 @@
+"""MQuAKE multi-hop knowledge editing (Zhong et al. 2023, arXiv:2305.14795).
+
+Each case holds several edits (`requested_rewrite[]`, ROME layout) applied together, three multi-hop
+`questions` whose answer should move from `answer` to `new_answer`, and `new_single_hops` (the chain
+of facts after the edits, as cloze prompts). Questions are scored as "Q: {question} A:" continuations,
+new answer against old answer; the single hops whose answer changed become implication probes.
+
+Not handled: answer aliases (kept in `meta`), MeLLo/in-context prompting, generation-based accuracy.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
+from lmedit.eval.records import EvalRecord, Probe
+from lmedit.registry import datasets
+
+MQUAKE_URL = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datasets/MQuAKE-CF-3k-v2.json"
+
+
+def load_mquake(path: Path, issues: Issues) -> list[EvalRecord]:
+    """Read MQuAKE cases; a case with any invalid edit is skipped whole."""
+    records = []
+    for index, raw in read_records(path):
+        if not isinstance(raw, dict):
+            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
+            continue
+        case_id = raw.get("case_id", index)
+        missing = require(raw, ("requested_rewrite", "questions", "answer", "new_answer"))
+        if missing:
+            issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
+            continue
+        requests = []
+        for j, rw in enumerate(raw["requested_rewrite"]):
+            field = f"requested_rewrite[{j}]"
+            if not isinstance(rw, dict):
+                issues.add(index, case_id, field, "must be an object")
+                break
+            request = make_request(issues, index, case_id, field, rw.get("prompt"), rw.get("subject"),
+                                   text_of(rw.get("target_new")), text_of(rw.get("target_true")))
+            if request is None:
+                break
+            requests.append(request)
+        else:
+            answer, new_answer = text_of(raw["answer"]), text_of(raw["new_answer"])
+            questions = tuple(Probe(f"Q: {q} A:", new_answer, answer) for q in raw["questions"] if isinstance(q, str))
+            old_hops = raw.get("single_hops", [])
+            hops = []
+            for j, hop in enumerate(raw.get("new_single_hops", [])):
+                old = old_hops[j]["answer"] if j < len(old_hops) and isinstance(old_hops[j], dict) else None
+                if isinstance(hop, dict) and hop.get("cloze") and hop.get("answer") and old and old != hop["answer"]:
+                    hops.append(Probe(hop["cloze"], hop["answer"], old, kind="hop"))
+            records.append(EvalRecord(
+                case_id=str(case_id), requests=tuple(requests), multihop=questions, implications=tuple(hops),
+                source=f"{path.name}:{index}",
+                meta={"new_answer_alias": raw.get("new_answer_alias", []), "answer_alias": raw.get("answer_alias", [])},
+            ))
+    return records
+
+
+datasets.register("mquake", filename="MQuAKE-CF-3k-v2.json", url=MQUAKE_URL,
+                  description="MQuAKE multi-hop edits")(load_mquake)

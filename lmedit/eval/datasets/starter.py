@@ -1,0 +1,79 @@
+"""The starter set shipped with lmedit: facts the default model (gemma3-270m) completes correctly.
+
+Built and checked by `scripts/build_starter.py` (greedy generation must start with the true object).
+Layout, one JSON object per line:
+  {"case_id", "relation", "requested_rewrite": {ROME layout}, "paraphrase_prompts": [...],
+   "neighborhood": [{"prompt", "target"}]   (other known facts; compared against target_new),
+   "generation_prompts": [...], "reference_texts": [...],
+   "implications": [{"kind", "prompt" with {}, "subject", "target", "foil"}], "known": {...}}
+Implication kinds: symmetric (spouse, antonym), transitive (landmark -> city -> country) and reverse
+(capital -> country, book -> author, company -> founder).
+
+Not handled: other models may not know these facts; rebuild with `--model` for them.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
+from lmedit.eval.records import EvalRecord, Probe
+from lmedit.registry import datasets
+
+
+def starter_path() -> Path:
+    return Path(str(files("lmedit") / "data" / "starter.jsonl"))
+
+
+def load_starter(path: Path, issues: Issues) -> list[EvalRecord]:
+    """Read starter-layout records (see the module docstring)."""
+    records = []
+    for index, raw in read_records(path):
+        if not isinstance(raw, dict):
+            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
+            continue
+        case_id = raw.get("case_id", index)
+        missing = require(raw, ("requested_rewrite",))
+        if missing:
+            issues.add(index, case_id, "requested_rewrite", "missing")
+            continue
+        rw = raw["requested_rewrite"]
+        request = make_request(issues, index, case_id, "requested_rewrite", rw.get("prompt"), rw.get("subject"),
+                               text_of(rw.get("target_new")), text_of(rw.get("target_true")))
+        if request is None:
+            continue
+        bad = False
+        neighborhood = []
+        for j, item in enumerate(raw.get("neighborhood", [])):
+            if not isinstance(item, dict) or require(item, ("prompt", "target")):
+                issues.add(index, case_id, f"neighborhood[{j}]", "needs 'prompt' and 'target'")
+                bad = True
+                break
+            neighborhood.append(Probe(item["prompt"], item["target"], request.target_new))
+        implications = []
+        for j, item in enumerate(raw.get("implications", [])):
+            fields = ("kind", "prompt", "subject", "target", "foil")
+            if not isinstance(item, dict) or require(item, fields) or item["prompt"].count("{}") != 1:
+                issues.add(index, case_id, f"implications[{j}]", f"needs {fields}, prompt with one '{{}}'")
+                bad = True
+                break
+            implications.append(Probe(item["prompt"].format(item["subject"]), item["target"], item["foil"],
+                                      kind=item["kind"]))
+        if bad:
+            continue
+        records.append(EvalRecord(
+            case_id=str(case_id), requests=(request,),
+            paraphrases=tuple(Probe(p, request.target_new, request.target_true)
+                              for p in raw.get("paraphrase_prompts", [])),
+            neighborhood=tuple(neighborhood),
+            generation_prompts=tuple(raw.get("generation_prompts", [])),
+            reference_texts=tuple(raw.get("reference_texts", [])),
+            implications=tuple(implications),
+            relation=raw.get("relation"), source=f"{path.name}:{index}",
+        ))
+    return records
+
+
+datasets.register("starter", filename=None, url=None, description="facts gemma3-270m knows (shipped)",
+                  default_path=starter_path)(load_starter)

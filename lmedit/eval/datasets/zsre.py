@@ -1,0 +1,56 @@
+"""zsRE question answering edits (Levy et al. 2017), in the MEND/ROME record format (arXiv:2110.11309).
+
+Record: {"subject", "src" (question containing the subject), "alt" (new answer), "answers" ([true, ...]),
+"rephrase" (paraphrased question), "loc" (an unrelated Natural Questions query), "loc_ans"}.
+As in ROME/MEMIT's zsRE evaluation the edit prompt is `src` with the subject replaced by `{}`, the
+paraphrase is `rephrase`, and specificity is measured on `loc + "?"` completed by `loc_ans` (token
+accuracy only: there is no foil for an unrelated question).
+
+Not handled: `cond` (MEND's conditioning string) is ignored.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmedit.eval.datasets._io import Issues, make_request, read_records, require
+from lmedit.eval.records import EvalRecord, Probe
+from lmedit.registry import datasets
+
+ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
+
+
+def load_zsre(path: Path, issues: Issues) -> list[EvalRecord]:
+    """Read zsRE records (JSON array or lines); the record index is the case id when none is given."""
+    records = []
+    for index, raw in read_records(path):
+        if not isinstance(raw, dict):
+            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
+            continue
+        case_id = raw.get("case_id", index)
+        missing = require(raw, ("subject", "src", "alt", "answers"))
+        if missing:
+            issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
+            continue
+        answers = raw["answers"]
+        if not isinstance(answers, list) or not isinstance(answers[0], str):
+            issues.add(index, case_id, "answers", f"must be a list of strings, got {answers!r}")
+            continue
+        true = answers[0] if answers[0].strip() and answers[0].strip() != str(raw["alt"]).strip() else None
+        request = make_request(issues, index, case_id, "", raw["src"], raw["subject"], raw["alt"], true)
+        if request is None:
+            continue
+        paraphrases = (Probe(raw["rephrase"], request.target_new, request.target_true),) if raw.get("rephrase") else ()
+        neighborhood = ()
+        if raw.get("loc"):
+            if not isinstance(raw.get("loc_ans"), str) or not raw["loc_ans"].strip():
+                issues.add(index, case_id, "loc_ans", "missing while loc is given")
+                continue
+            neighborhood = (Probe(raw["loc"] + "?", raw["loc_ans"].strip()),)  # ROME keeps "nq question: "
+        records.append(EvalRecord(case_id=str(case_id), requests=(request,), paraphrases=paraphrases,
+                                  neighborhood=neighborhood, source=f"{path.name}:{index}"))
+    return records
+
+
+datasets.register("zsre", filename="zsre_mend_eval.json", url=ZSRE_URL,
+                  description="zsRE (MEND/ROME record format)")(load_zsre)

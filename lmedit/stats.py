@@ -1,0 +1,255 @@
+"""Second-moment statistics of MLP keys, C = E[k kᵀ], with corpora and an explicit on-disk cache.
+
+ROME and MEMIT (arXiv:2202.05262 §3.1, arXiv:2210.07229 §3) need C at the edited layer to spread an
+update away from the keys the layer usually sees. The papers use 100k Wikipedia samples; offline we
+use one of these corpora:
+  - `sampled`: text sampled from the model itself (temperature 1, seeded), n_samples × length tokens;
+  - `docstrings`: docstrings of the Python standard library (human-written English on every machine),
+    parsed with `ast` (nothing is imported);
+  - `file:PATH`: a user text file (paragraphs) or JSONL file (a "text" field per line).
+A forward that stops after the deepest requested layer reads all requested layers in one pass.
+Results are cached under `StatsCache(root)/<model fingerprint>/<corpus id>/layer<l>-<n_tokens>.safetensors`.
+
+Not handled: keys of attention layers; per-token weighting.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import sys
+import sysconfig
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmedit.errors import LMEditError
+from lmedit.hooks import capture
+from lmedit.tokens import pad_batch
+from lmedit.types import Site
+
+if TYPE_CHECKING:
+    from lmedit.models.load import LM
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]  # (done, total) in tokens
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    """Which text the statistics are computed on.
+
+    Attributes:
+        source: "sampled", "docstrings" or "file:PATH".
+        n_tokens: number of key vectors to average (tokens read from the corpus).
+        seq_len: tokens per sequence (sampled length, or chunk size for text).
+        seed: sampling seed (`sampled` only).
+    """
+
+    source: str = "sampled"
+    n_tokens: int = 20_000
+    seq_len: int = 128
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (self.source in ("sampled", "docstrings") or self.source.startswith("file:")):
+            raise ValueError(f"CorpusSpec.source must be 'sampled', 'docstrings' or 'file:PATH', got {self.source!r}")
+        if self.n_tokens < 1 or self.seq_len < 2:
+            raise ValueError("CorpusSpec.n_tokens must be >= 1 and seq_len >= 2")
+        if self.source.startswith("file:") and not Path(self.source[5:]).is_file():
+            raise FileNotFoundError(f"corpus file {self.source[5:]!r} does not exist")
+
+    def corpus_id(self) -> str:
+        if self.source == "sampled":
+            return f"sampled-s{self.seed}-L{self.seq_len}"
+        if self.source == "docstrings":
+            return f"docstrings-py{sys.version_info.major}{sys.version_info.minor}-L{self.seq_len}"
+        digest = hashlib.sha256(Path(self.source[5:]).read_bytes()).hexdigest()[:12]
+        return f"file-{digest}-L{self.seq_len}"
+
+
+class StatsCache:
+    """Where statistics and sampled corpora are kept on disk. Pass one explicitly; there is no global cache."""
+
+    def __init__(self, root: str | Path | None = None) -> None:
+        if root is None:
+            from lmedit.models.load import cache_dir
+
+            root = cache_dir() / "stats"
+        self.root = Path(root)
+
+    def path(self, lm: LM, spec: CorpusSpec, layer: int) -> Path:
+        return self.root / lm.fingerprint / spec.corpus_id() / f"layer{layer}-n{spec.n_tokens}.safetensors"
+
+    def corpus_path(self, lm: LM, spec: CorpusSpec) -> Path:
+        return self.root / lm.fingerprint / spec.corpus_id() / "corpus.json"
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    tmp.replace(path)
+
+
+# --- corpora --------------------------------------------------------------------------------------
+def stdlib_docstrings() -> list[str]:
+    """Docstrings (≥ 200 characters) of the Python standard library's modules, classes and functions."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts: list[str] = []
+    for path in sorted(root.glob("*.py")) + sorted(root.glob("*/*.py")):
+        if any(part in ("test", "tests", "idlelib", "site-packages", "lib2to3") for part in path.parts):
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in [tree, *ast.walk(tree)]:
+            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) >= 200:
+                    texts.append(" ".join(doc.split()))
+    return texts
+
+
+def _file_texts(path: Path) -> list[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip():
+                record = json.loads(line)
+                if "text" not in record:
+                    raise LMEditError(f"{path}:{i}: JSONL corpus records need a 'text' field")
+                texts.append(record["text"])
+        return texts
+    return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+
+
+def _chunk_token_ids(lm: LM, texts: Sequence[str], spec: CorpusSpec) -> list[list[int]]:
+    """Concatenate tokenized texts and cut them into `seq_len`-token sequences until `n_tokens` are covered."""
+    sequences: list[list[int]] = []
+    total = 0
+    bos = [lm.tokenizer.bos_token_id] if lm.tokenizer.bos_token_id is not None else []
+    buffer: list[int] = []
+    for text in texts:
+        buffer.extend(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+        while len(buffer) >= spec.seq_len - len(bos):
+            seq = bos + buffer[: spec.seq_len - len(bos)]
+            buffer = buffer[spec.seq_len - len(bos):]
+            sequences.append(seq)
+            total += len(seq)
+            if total >= spec.n_tokens:
+                return sequences
+    if buffer:
+        sequences.append(bos + buffer)
+        total += len(bos) + len(buffer)
+    if total < spec.n_tokens:
+        log.warning("corpus %s has only %d tokens (asked for %d)", spec.corpus_id(), total, spec.n_tokens)
+    return sequences
+
+
+@torch.no_grad()
+def sample_sequences(lm: LM, n_sequences: int, length: int, seed: int, *, batch_size: int = 16,
+                     progress: Progress | None = None) -> list[list[int]]:
+    """Sample `n_sequences` token sequences of `length` tokens from the model (temperature 1, seeded)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    start = lm.tokenizer.bos_token_id if lm.tokenizer.bos_token_id is not None else lm.tokenizer.eos_token_id
+    out: list[list[int]] = []
+    for b in range(0, n_sequences, batch_size):
+        n = min(batch_size, n_sequences - b)
+        ids = torch.full((n, 1), start, dtype=torch.long, device=lm.device)
+        past = None
+        tokens = ids
+        for step in range(length - 1):
+            result = lm.model(input_ids=tokens, cache=past, use_cache=True, logits_to_keep=1)
+            past = result.cache
+            probs = torch.softmax(result.logits[:, -1].float(), dim=-1).cpu()
+            tokens = torch.multinomial(probs, 1, generator=gen).to(lm.device)
+            ids = torch.cat([ids, tokens], dim=1)
+            if progress:
+                progress(b * length + (step + 2) * n, n_sequences * length)
+        out.extend(ids.tolist())
+    return out
+
+
+def corpus_sequences(lm: LM, spec: CorpusSpec, cache: StatsCache | None = None,
+                     progress: Progress | None = None) -> list[list[int]]:
+    """The token sequences of a corpus (sampled ones are cached, as sampling is the expensive part)."""
+    if spec.source == "sampled":
+        n_seq = -(-spec.n_tokens // spec.seq_len)
+        path = cache.corpus_path(lm, spec) if cache else None
+        if path is not None and path.exists():
+            stored = json.loads(path.read_text())
+            if len(stored) >= n_seq:
+                return stored[:n_seq]
+        seqs = sample_sequences(lm, n_seq, spec.seq_len, spec.seed, progress=progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(seqs))
+            tmp.replace(path)
+        return seqs
+    texts = stdlib_docstrings() if spec.source == "docstrings" else _file_texts(Path(spec.source[5:]))
+    return _chunk_token_ids(lm, texts, spec)
+
+
+# --- statistics -----------------------------------------------------------------------------------
+@torch.no_grad()
+def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSpec(), *,
+                      cache: StatsCache | None = None, batch_size: int = 16,
+                      progress: Progress | None = None) -> dict[int, torch.Tensor]:
+    """C = E[k kᵀ] of the MLP keys at each layer in `layers`, over `spec.n_tokens` corpus tokens.
+
+    Args:
+        lm: the model bundle.
+        layers: block indices; all are read in one forward that stops after the deepest one.
+        spec: the corpus.
+        cache: where to read/write results (None: compute, keep nothing).
+        batch_size: sequences per forward.
+        progress: called with (tokens done, tokens total).
+
+    Returns:
+        layer -> C as float64 (d_mlp, d_mlp), symmetric positive semi-definite.
+    """
+    layers = sorted(set(layers))
+    result: dict[int, torch.Tensor] = {}
+    todo = []
+    for layer in layers:
+        path = cache.path(lm, spec, layer) if cache else None
+        if path is not None and path.exists():
+            result[layer] = load_file(str(path))["C"].to(torch.float64)
+        else:
+            todo.append(layer)
+    if not todo:
+        return result
+    sequences = corpus_sequences(lm, spec, cache)
+    d_mlp = lm.arch.d_mlp(lm.model)
+    sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=lm.device) for layer in todo}
+    count = 0
+    sites = [Site("mlp.key", layer) for layer in todo]
+    total = sum(len(s) for s in sequences)
+    for start in range(0, len(sequences), batch_size):
+        batch = pad_batch(lm, sequences[start:start + batch_size])
+        with capture(lm, sites, stop_after=sites[-1]) as acts:
+            lm.model(**batch.model_inputs(), use_cache=False)
+        mask = batch.attention_mask.bool()
+        for site in sites:
+            keys = acts[site][mask].to(torch.float64)  # (tokens, d_mlp)
+            sums[site.layer].addmm_(keys.T, keys)  # type: ignore[index]
+        count += int(mask.sum())
+        if progress:
+            progress(count, total)
+    for layer in todo:
+        C = sums[layer] / count
+        result[layer] = C
+        if cache is not None:
+            _atomic_save({"C": C.to(torch.float32).cpu().contiguous()}, cache.path(lm, spec, layer),
+                         {"count": str(count), "corpus": spec.corpus_id(), "model": lm.fingerprint})
+    return result

@@ -1,0 +1,39 @@
+"""The evaluation harness end to end with ROME on the real default model (a few starter facts, ~1 minute).
+
+The layer and the statistics corpus are pinned so the test does not run causal tracing to pick a layer,
+and uses the cheap docstring corpus for C (cached after the first run).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lmedit.eval import evaluate, load_dataset
+
+ROME_SETTINGS = {"layer": 6, "corpus": "docstrings"}
+
+
+@pytest.mark.slow
+def test_rome_on_starter_facts_single_and_sequential(gemma, tmp_path):
+    starter = load_dataset("starter")
+    before = {k: v.clone() for k, v in gemma.model.state_dict().items()}
+
+    single = evaluate(gemma, starter, "rome", limit=2, editor_config=ROME_SETTINGS, n_bootstrap=200,
+                      out_dir=tmp_path / "single")
+    unedited = single.summary["unedited"]["metrics"]
+    edited = single.summary["edited"]["metrics"]
+    # The default model knows these facts: it prefers target_true before the edit, target_new after.
+    assert unedited["efficacy_score"]["mean"] == 0.0 and unedited["neighborhood_score"]["mean"] >= 0.8
+    assert edited["efficacy_score"]["mean"] == 1.0 and edited["efficacy_magnitude"]["mean"] > 0.5
+    assert edited["neighborhood_kl"]["mean"] > 0.0
+
+    sequential = evaluate(gemma, starter, "rome", limit=2, mode="sequential", checkpoint_every=1, n_drift=2,
+                          editor_config=ROME_SETTINGS, n_bootstrap=200, out_dir=tmp_path / "sequential")
+    last = [r for r in sequential.rows if r.get("kind") == "edited" and r["n_edits"] == 2]
+    assert len(last) == 2  # the first edit is re-measured after the second
+    assert sequential.summary["edited"]["metrics"]["efficacy_score"]["mean"] >= 0.5
+    assert [p["n_edits"] for p in sequential.summary["drift_curves"]["rewrite_kl"]] == [1, 2]
+
+    after = gemma.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

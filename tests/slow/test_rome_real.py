@@ -1,0 +1,60 @@
+"""ROME on the real built-in models (the issue's acceptance checks). Slow: real weights on CPU."""
+
+import pytest
+import torch
+
+import lmedit
+from lmedit.editors import get_editor
+from lmedit.editors.base import WeightEdit
+from lmedit.scoring import score_targets
+from lmedit.tokens import subject_span, target_ids
+
+pytestmark = pytest.mark.slow
+
+EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+PROMPTS = ["The Eiffel Tower is located in the city of",        # the edit prompt
+           "The Eiffel Tower can be found in the city of",      # a paraphrase
+           "The Louvre is located in the city of"]              # a neighbour: must keep Paris
+
+
+def _margins(lm):
+    """log P(Rome) − log P(Paris) per prompt."""
+    s = score_targets(lm, PROMPTS * 2, ["Rome"] * 3 + ["Paris"] * 3)
+    return [s[i].logprob - s[i + 3].logprob for i in range(3)]
+
+
+@pytest.mark.parametrize("model_fixture", ["gemma", "smollm"])
+def test_eiffel_tower_to_rome(model_fixture, request, tmp_path, capsys):
+    lm = request.getfixturevalue(model_fixture)
+    editor = get_editor("rome", f"configs/rome/{lm.name}.yaml")
+    before = _margins(lm)
+    assert all(m < 0 for m in before), f"the unedited model should prefer Paris everywhere: {before}"
+    snapshot = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    edit = editor.edit(lm, [EIFFEL])
+    with edit.applied(lm):
+        after = _margins(lm)
+    with capsys.disabled():
+        print(f"\n{lm.name}: log P(Rome) - log P(Paris) before {before} after {after}")
+    assert after[0] > 0, "edit prompt: P(Rome) > P(Paris)"
+    assert after[1] > 0, "paraphrase: P(Rome) > P(Paris)"
+    assert after[2] < 0, "neighbour (the Louvre) still prefers Paris"
+    assert all(torch.equal(snapshot[k], v) for k, v in lm.model.state_dict().items()), "undo is bit-exact"
+    # save/load round trip reproduces the edited model's outputs exactly
+    loaded = WeightEdit.load(edit.save(tmp_path / "eiffel.safetensors"))
+    with loaded.applied(lm):
+        assert _margins(lm) == after
+
+
+def test_subject_lookup_on_real_tokenizers(gemma, smollm):
+    for lm in (gemma, smollm):
+        for template, subject in [("{} is located in the city of", "The Eiffel Tower"),
+                                  ("The mother tongue of {} is", "Danielle Darrieux"),
+                                  ("{} plays", "Messi"), ("In {}, people speak", "Brazil")]:
+            text = template.format(subject)
+            span = subject_span(lm, template, subject)
+            ids = lm.tokenizer(text)["input_ids"]
+            decoded = lm.tokenizer.decode(ids[span.first:span.last + 1]).strip()
+            assert decoded == subject, (lm.name, decoded, subject)
+            rest = lm.tokenizer.decode(ids[span.last + 1:])
+            assert text.endswith(rest) and subject not in rest
+        assert len(target_ids(lm, "Rome")) == 1

@@ -1,0 +1,138 @@
+import pytest
+import torch
+
+import lmedit
+from lmedit.editors.base import WeightEdit
+from lmedit.editors.rome import RomeConfig, RomeEditor, rank_one_update
+from lmedit.editors._value import subject_keys
+from lmedit.errors import EditFailedError, LMEditError
+from lmedit.stats import StatsCache
+from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.scoring import next_token_logprobs
+from lmedit.tokens import target_ids
+
+# The subject ends the prompt: in a random 4-layer model, little flows from an earlier token to the last one,
+# so a fact "stored" mid-prompt would barely reach the prediction (real models are tested in tests/slow).
+REQUEST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
+
+
+def _editor(tmp_path, **kw):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(_CORPUS * 40))
+    cfg = RomeConfig(layer=1, corpus=f"file:{corpus}", corpus_tokens=4000, prefixes_short=3, prefixes_long=2, **kw)
+    return RomeEditor(cfg, cache=StatsCache(tmp_path))
+
+
+def _snapshot(lm):
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def _same(lm, snap):
+    return all(torch.equal(snap[k], v) for k, v in lm.model.state_dict().items())
+
+
+def test_rank_one_update_maps_key_to_value():
+    torch.manual_seed(0)
+    W, b = torch.randn(16, 32), torch.randn(16)
+    A = torch.randn(32, 64)
+    C = A @ A.T / 64
+    k, v = torch.randn(32), torch.randn(16)
+    left, right = rank_one_update(W, b, C, k, v)
+    W2 = W.double() + left @ right.T
+    out = W2 @ k.double() + b.double()
+    assert (out - v.double()).norm() / v.norm() < 1e-10
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gemma3_text"])
+def test_rome_edit_on_tiny_model(family, tmp_path):
+    lm = tiny_lm(family)
+    snap = _snapshot(lm)
+    editor = _editor(tmp_path)
+    result = editor.edit(lm, [REQUEST])
+    assert _same(lm, snap), "edit() must not change the weights"
+    assert isinstance(result, WeightEdit) and len(result.deltas) == 1
+    (name, delta), = result.deltas.items()
+    assert delta.rank == 1
+    # W' k* = v*: recompute k* and the layer's output after applying the edit
+    prefixes = lmedit.editors._value.context_prefixes(lm, ((5, 3), (10, 2)), seed=0, cache=editor.cache)
+    keys = subject_keys(lm, 1, [p + REQUEST.prompt for p in prefixes], REQUEST.subject)
+    k_star = keys.mean(0)
+    module = lm.arch.block_module(lm.model, 1, "mlp_out")
+    first_new = target_ids(lm, "Rome")[0]
+    before = next_token_logprobs(lm, [REQUEST.text])[0]
+    with result.applied(lm):
+        v_after = module(k_star)
+        after = next_token_logprobs(lm, [REQUEST.text])[0]
+    info = result.info["requests"][0]
+    assert info["v_nll"] < -before[first_new].item() - 2.0  # v* makes target_new much more likely
+    assert after[first_new] > before[first_new] + 2.0
+    if family != "gemma3_text":  # Gemma's post-MLP norm damps one token's change in a random 4-layer model
+        assert after.argmax().item() == first_new  # the edit changes the top-1 prediction
+    assert _same(lm, snap), "undo must be bit-exact"
+    # W' k* = v*: the edited layer maps k* to the optimised value
+    v_star = torch.tensor(info["v_star"])
+    assert ((v_after - v_star).norm() / v_star.norm()).item() < 1e-4
+    assert (v_after - module(k_star)).norm() > 0.1 * v_star.norm()  # and the unedited layer does not
+
+
+def test_save_load_round_trip(tmp_path):
+    lm = tiny_lm("llama")
+    result = _editor(tmp_path).edit(lm, [REQUEST])
+    path = result.save(tmp_path / "edit.safetensors")
+    loaded = WeightEdit.load(path)
+    assert loaded.requests == (REQUEST,) and loaded.method == "rome"
+    (name, delta), = loaded.deltas.items()
+    assert delta.left is not None and delta.dense is None  # factors, not a full matrix
+    torch.testing.assert_close(delta.full(), result.deltas[name].full())
+    with result.applied(lm):
+        a = lm.model(**lm.encode([REQUEST.text])).logits
+    with loaded.applied(lm):
+        b = lm.model(**lm.encode([REQUEST.text])).logits
+    assert torch.equal(a, b)
+
+
+def test_apply_refuses_other_model_and_nan(tmp_path):
+    lm = tiny_lm("llama")
+    result = _editor(tmp_path).edit(lm, [REQUEST])
+    other = tiny_lm("llama", seed=1)
+    snap = _snapshot(other)
+    with pytest.raises(LMEditError, match="fingerprint"):
+        result.apply(other)
+    assert _same(other, snap)
+    (name, delta), = result.deltas.items()
+    delta.left[0, 0] = float("nan")
+    with pytest.raises(EditFailedError, match="non-finite"):
+        result.apply(lm)
+    snap = _snapshot(lm)
+    assert not result.is_applied and _same(lm, snap)
+
+
+def test_failed_edit_leaves_weights_untouched(tmp_path, monkeypatch):
+    lm = tiny_lm("llama")
+    snap = _snapshot(lm)
+    editor = _editor(tmp_path)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("solver failed")
+
+    monkeypatch.setattr("lmedit.editors.rome.rank_one_update", boom)
+    second = lmedit.EditRequest("{} plays the sport of", "Michael Jordan", "soccer")
+    with pytest.raises(RuntimeError, match="solver failed"):
+        editor.edit(lm, [REQUEST, second])
+    assert _same(lm, snap)
+
+
+def test_sequential_requests_and_undo_order(tmp_path):
+    lm = tiny_lm("gpt2")
+    snap = _snapshot(lm)
+    editor = _editor(tmp_path)
+    second = lmedit.EditRequest("{} plays the sport of", "Michael Jordan", "soccer")
+    both = editor.edit(lm, [REQUEST, second])
+    assert next(iter(both.deltas.values())).rank == 2
+    first = editor.edit(lm, [REQUEST]).apply(lm)
+    later = editor.edit(lm, [second]).apply(lm, check_fingerprint=False)
+    with pytest.raises(LMEditError, match="undo them first"):
+        first.undo()
+    later.undo()
+    first.undo()
+    assert _same(lm, snap)
