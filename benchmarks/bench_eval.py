@@ -1,53 +1,61 @@
-"""Benchmark: records per minute of a single-mode CounterFact evaluation, without and with generations; peak RSS.
+"""Evaluation throughput: records per minute of a single-mode CounterFact evaluation, without and with generations.
 
-Usage:
-    LMEDIT_CACHE=/tmp/lm/cache OMP_NUM_THREADS=1 python benchmarks/bench_eval.py --method METHOD \
-        --data ../shared/data/counterfact/easyedit_format/counterfact-edit.json --limit 20 [--set key=value ...]
+For each setting (probability/KL/token-accuracy metrics only; then also generation metrics) it reports
+records evaluated, wall seconds, records per minute, the editor's own seconds per record (`edit_s`) and
+the harness's measuring seconds per record (the unedited and the edited model, batched); plus peak RSS
+of the process (model, edits and measurements together).
 
-Writes benchmarks/bench_eval-<method>.json: for each setting (probability/KL metrics only; plus generation
-metrics), records evaluated, wall seconds, records per minute, mean seconds per edit (the editor's own
-cost) and the rest (the harness's measuring: the unedited and edited model, batched). Peak RSS is the
-process maximum (resource.getrusage), so it covers model, edits and measurements together.
+Usage: .venv/bin/python benchmarks/bench_eval.py [--method rome] [--config configs/rome/gemma3-270m.yaml]
+           [--data ../shared/data/counterfact/rome_format_samples/most_orthogonal.json] [--limit 3] [--set k=v]
+The default data is the ROME-layout CounterFact sample (10 neighbourhood and 10 generation prompts per
+record, like the full file); the EasyEdit layout has one neighbour and no generation prompts.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import resource
+import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-import lmedit
-from lmedit.eval import EvalConfig, load_dataset
+sys.path.insert(0, str(Path(__file__).parent))
+from _common import emit, peak_rss_mb, timed  # noqa: E402
+
+import lmedit  # noqa: E402
+from lmedit.editors import get_editor  # noqa: E402
+from lmedit.eval import EvalConfig, load_dataset  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT.parent / "shared" / "data" / "counterfact" / "rome_format_samples" / "most_orthogonal.json"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--method", required=True)
+    parser.add_argument("--method", default="rome")
+    parser.add_argument("--config", help="the method's YAML config (default: configs/<method>/<model>.yaml if present)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--dataset", default="counterfact")
-    parser.add_argument("--data", help="dataset file (default: the dataset's default)")
-    parser.add_argument("--limit", type=int, default=20)
-    parser.add_argument("--generation", type=int, default=40, help="tokens per generation prompt in the second setting")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="editor config override")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent)
+    parser.add_argument("--data", default=str(SAMPLE) if SAMPLE.exists() else None)
+    parser.add_argument("--limit", type=int, default=3)
+    parser.add_argument("--generation", type=int, default=40, help="tokens per generation prompt (second setting)")
     args = parser.parse_args()
 
+    config = args.config
+    default_config = ROOT / "configs" / args.method / f"{args.model}.yaml"
+    if config is None and default_config.exists():
+        config = str(default_config)
     lm = lmedit.load(args.model)
     data = load_dataset(args.dataset, args.data)
-    editor = lmedit.editors.get_editor(args.method, None, args.set or None)
+    editor = get_editor(args.method, config, args.set or None)
     results = []
-    for label, tokens in (("probability+kl", 0), ("with generation", args.generation)):
+    for label, tokens in (("probability+kl+token_accuracy", 0), ("with generation", args.generation)):
         with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            result = lmedit.evaluate(lm, data, editor, limit=args.limit, out_dir=tmp,
-                                     config=EvalConfig(generation_tokens=tokens, n_bootstrap=200))
-            wall = time.perf_counter() - start
+            wall, result = timed(lambda: lmedit.evaluate(
+                lm, data, editor, limit=args.limit, out_dir=tmp,
+                config=EvalConfig(generation_tokens=tokens, n_bootstrap=200)))
         n = result.summary["n_records"]
         edit_s = sum(r["edit_seconds"] for r in result.rows)
         results.append({"setting": label, "generation_tokens": tokens, "records": n, "wall_s": round(wall, 2),
@@ -55,14 +63,9 @@ def main() -> None:
                         "measure_s_per_record": round((wall - edit_s) / n, 2),
                         "edited_score": result.summary["edited"]["score"]["mean"],
                         "unedited_score": result.summary["unedited"]["score"]["mean"]})
-    report = {"benchmark": "bench_eval", "method": args.method, "model": args.model, "dataset": args.dataset,
-              "data": data.source, "editor_overrides": args.set, "results": results,
-              "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-              "torch_threads": torch.get_num_threads(), "machine": platform.machine(), "python": platform.python_version()}
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"bench_eval-{args.method}.json"
-    path.write_text(json.dumps(report, indent=2))
-    print(json.dumps(report, indent=2))
+    emit({"benchmark": "eval", "method": args.method, "config": config, "overrides": args.set, "model": args.model,
+          "dataset": args.dataset, "data": data.source, "results": results, "peak_rss_mb": round(peak_rss_mb(), 1),
+          "torch_threads": torch.get_num_threads()})
 
 
 if __name__ == "__main__":

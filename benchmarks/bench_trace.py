@@ -23,7 +23,7 @@ from lmedit.tokens import find_subject, prompt_ids
 from lmedit.tracing import KINDS, _SITE_KIND, default_window, embedding_noise, trace_kinds, window_layers
 from lmedit.types import Site
 
-PROMPT = "The Space Needle is located in downtown"
+PROMPT = "The Space Needle is located in the downtown area of"
 SUBJECT = "The Space Needle"
 
 

@@ -9,6 +9,9 @@ Usage:
         lm.model(**batch)
     acts[Site("resid_out", 3)]  # (batch, pos, d_model)
 
+`start_at()` is the one intervention that is not a hook: it skips the first blocks of a forward by
+standing in for their `forward` (a torch hook can rewrite a module's input or output but cannot skip it).
+
 Not handled: hooks on modules that are not reachable through the ArchSpec.
 """
 
@@ -62,6 +65,7 @@ def _hooked(lm: LM, fns: Mapping[Site, PatchFn], stop_after: Site | None) -> Ite
                         raise StopForward
                     return None if new is None else (new, *args[1:])
 
+                pre_hook._lmedit_site = site  # lets start_at() spot hooks on blocks it skips
                 handles.append(module.register_forward_pre_hook(pre_hook))
             else:
                 def hook(_module, _args, output, _site=site, _fn=fn, _stop=stop):
@@ -70,6 +74,7 @@ def _hooked(lm: LM, fns: Mapping[Site, PatchFn], stop_after: Site | None) -> Ite
                         raise StopForward
                     return None if new is None else _repack(output, new)
 
+                hook._lmedit_site = site
                 handles.append(module.register_forward_hook(hook))
         try:
             yield
@@ -124,3 +129,70 @@ def patch(lm: LM, fns: Mapping[Site, PatchFn], *, stop_after: Site | None = None
     """
     with _hooked(lm, dict(fns), stop_after):
         yield
+
+
+def _lmedit_sites(modules: Iterable[torch.nn.Module]) -> list[Site]:
+    """Sites of the `capture`/`patch` hooks currently registered on `modules`."""
+    return [fn._lmedit_site for m in modules for fn in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+            if hasattr(fn, "_lmedit_site")]
+
+
+@contextmanager
+def start_at(lm: LM, layer: int, resid: torch.Tensor) -> Iterator[None]:
+    """Run the forwards inside from block `layer` on, with `resid` as the residual stream entering it.
+
+    Blocks 0..layer-1 are not computed: block `layer - 1` returns `resid`, so hooks at
+    `Site("resid_out", layer - 1)` see (and may rewrite) it, and earlier blocks return their input
+    unchanged. Everything else runs as usual: the model embeds its input and prepares masks, positions
+    and the key/value cache itself, which is why this needs no per-architecture code. Skipped blocks do
+    not write to the cache. Used by causal tracing, whose restored runs match the corrupted run up to
+    the restored layer.
+
+    Args:
+        lm: the model bundle.
+        layer: the first block to run, 0..n_layers (0 changes nothing; n_layers runs no block).
+        resid: (batch, pos, d_model) output of block `layer - 1`, shaped like the forward's input ids
+            (batch, pos).
+
+    Raises:
+        IndexError: `layer` is outside 0..n_layers.
+        ValueError: (during the forward) a `capture`/`patch` site lies in a skipped block, other than
+            `Site("resid_out", layer - 1)`: it would silently see nothing.
+
+    Example:
+        with start_at(lm, 5, resid), capture(lm, [Site("final_norm")]) as acts:   # resid: block 4's output
+            lm.model(input_ids=ids)  # runs blocks 5.. only
+        acts[Site("final_norm")]  # (batch, pos, d_model)
+    """
+    blocks = lm.arch.blocks(lm.model)
+    if not 0 <= layer <= len(blocks):
+        raise IndexError(f"start_at layer {layer} is out of range: the model has {len(blocks)} layers")
+    skipped = list(blocks[:layer])
+    # An instance attribute shadows the class's `forward` (nn.Module.__call__ looks up `self.forward`);
+    # one that was already there (e.g. accelerate's) is put back afterwards.
+    saved = [block.__dict__.get("forward") for block in skipped]
+
+    def stand_in(index: int):
+        block = skipped[index]
+        last = index == layer - 1
+
+        def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            # Hooks on a block's own output are allowed only where that output is `resid`.
+            bad = _lmedit_sites(m for m in block.modules() if not (last and m is block))
+            if bad:
+                raise ValueError(f"start_at({layer}) skips block {index}, but sites {[str(s) for s in bad]} "
+                                 "are hooked there: start at or before their layer")
+            return resid if last else hidden_states
+
+        return forward
+
+    try:
+        for index, block in enumerate(skipped):
+            block.forward = stand_in(index)
+        yield
+    finally:
+        for block, original in zip(skipped, saved):
+            if original is None:
+                block.__dict__.pop("forward", None)
+            else:
+                block.forward = original

@@ -14,15 +14,23 @@ their corrupted values. Patching from another prompt uses the same machinery wit
 clean states as the source and no noise; its score is P(the second prompt's answer).
 
 Speed. Every restored run is an independent forward, so they are batched: the rows of one forward are
-restorations × noise samples. States before the restored token are the same as in the corrupted run
-(the model is causal), so each restored token t runs only positions t..end on top of a key/value cache
-of the corrupted prefix; logits are computed only at the last position. Tokens before the first
-subject token are identical in the clean and corrupted runs, so restoring them is a no-op: their grid
-cells are filled with the corrupted probability without running anything.
+restorations × noise samples. A restored run equals the corrupted run everywhere before the restored
+state, in both directions:
+  * before the restored token (the model is causal): each restored token t runs only positions t..end,
+    on top of a key/value cache of the corrupted prefix (one prefix forward per token, copied per batch);
+  * below the restored layer: a restoration whose lowest site is in block l (or is block l's output)
+    starts the forward there (`hooks.start_at`), from the corrupted residual stream captured once in
+    the baseline run. Batches therefore group restorations by (first token, first block).
+Logits are computed only at the last position. Tokens before the first subject token are identical in
+the clean and corrupted runs, so restoring them is a no-op: their grid cells are filled with the
+corrupted probability without running anything.
 
 Conventions:
   * batch item 0 of the baseline run is the clean run, items 1..samples the corrupted runs;
   * rows of a restoration batch are sample-major: row = sample * n_restorations + restoration;
+  * a restoration's "first block" is the first block that must run: l + 1 for `resid_out` at l (block
+    l's output is taken from the corrupted run, then restored by the hook), j for `mlp.out`/`attn.out`
+    at j;
   * score grids are (pos, n_layers): one row per prompt token, one column per layer (window centre);
   * an answer of several tokens is scored by its first token only (`TraceResult.answer_n_tokens` says
     how many it has): the paper traces single-token objects, and P(first token) is what the last
@@ -34,10 +42,12 @@ restoring attention heads or MLP neurons individually, models without a key/valu
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -47,7 +57,7 @@ import torch
 from transformers import DynamicCache
 
 from lmedit.errors import RequestError
-from lmedit.hooks import capture, patch
+from lmedit.hooks import capture, patch, start_at
 from lmedit.scoring import next_token_logprobs
 from lmedit.tokens import find_subject, prompt_ids, target_ids
 from lmedit.types import Site
@@ -121,7 +131,15 @@ class Restoration:
 
     @property
     def start(self) -> int:
+        """The first restored token: positions before it are the corrupted run's."""
         return min(pos for _, pos in self.restore)
+
+    @property
+    def first_block(self) -> int:
+        """The first block that must run: blocks below it compute the corrupted run's states."""
+        assert all(site.layer is not None for site, _ in self.restore)
+        return min([site.layer + 1 if site.kind == "resid_out" else site.layer for site, _ in self.restore]
+                   + [site.layer for site in self.freeze])  # type: ignore[operator]
 
 
 @dataclass
@@ -133,6 +151,7 @@ class _Setup:
     source: dict[Site, torch.Tensor]       # site -> (pos, d) states to restore, indexed by traced position
     frozen: dict[Site, torch.Tensor]       # site -> (samples, pos, d) corrupted states for severing
     answer_id: int
+    resid: list[torch.Tensor]              # layer l -> (samples, pos, d_model) corrupted resid_out[l]
 
 
 def _answer_probs(lm: LM, hidden: torch.Tensor, answer_id: int, chunk: int = 256) -> torch.Tensor:
@@ -146,7 +165,7 @@ def _answer_probs(lm: LM, hidden: torch.Tensor, answer_id: int, chunk: int = 256
 
 
 def _prefix_cache(lm: LM, setup: _Setup, start: int) -> DynamicCache | None:
-    """Key/value cache of the corrupted runs' tokens before `start` (batch = samples)."""
+    """Key/value cache of the corrupted runs' tokens before `start` (batch = samples), all layers."""
     if start == 0:
         return None
     samples = setup.noise.shape[0]
@@ -160,14 +179,18 @@ def _prefix_cache(lm: LM, setup: _Setup, start: int) -> DynamicCache | None:
     return cache
 
 
-def _run_chunk(lm: LM, setup: _Setup, start: int, chunk: Sequence[Restoration]) -> torch.Tensor:
-    """Mean P(answer) over noise samples for restorations sharing the same first restored token -> (len(chunk),)."""
+def _run_chunk(lm: LM, setup: _Setup, start: int, first_block: int, chunk: Sequence[Restoration],
+               prefix: DynamicCache | None) -> torch.Tensor:
+    """Mean P(answer) over noise samples -> (len(chunk),), for restorations whose first restored token
+    is `start` and whose first block is at least `first_block`. `prefix` (not modified) is the corrupted
+    runs' key/value cache of the tokens before `start`."""
     samples = setup.noise.shape[0]
     n = len(chunk)
     rows = samples * n
     sample_of_row = torch.arange(rows, device=lm.device) // n  # (rows,)
-    cache = _prefix_cache(lm, setup, start)
-    if cache is not None:
+    cache = None
+    if prefix is not None:
+        cache = copy.deepcopy(prefix)
         cache.batch_repeat_interleave(n)  # cache rows are samples; row = sample * n + restoration
 
     restore: dict[Site, tuple[list[int], list[int]]] = {}   # site -> (restoration idx, position)
@@ -193,9 +216,13 @@ def _run_chunk(lm: LM, setup: _Setup, start: int, chunk: Sequence[Restoration]) 
             act[row_idx, pos_idx - start] = setup.source[site][pos_idx].to(act.dtype)
         return act
 
-    noise = setup.noise[:, start:][sample_of_row]  # (rows, pos - start, d_model)
     fns: dict[Site, Any] = {site: (lambda act, s: restore_fn(s, act)) for site in {*restore, *freeze}}
-    fns[Site("embed")] = lambda act, site: act + noise.to(act.dtype)
+    if first_block == 0:
+        noise = setup.noise[:, start:][sample_of_row]  # (rows, pos - start, d_model)
+        fns[Site("embed")] = lambda act, site: act + noise.to(act.dtype)
+        resid = None
+    else:  # the corrupted residual stream entering `first_block` stands in for blocks 0..first_block-1
+        resid = setup.resid[first_block - 1][sample_of_row, start:]  # (rows, pos - start, d_model)
     final = Site("final_norm")
     hidden: dict[str, torch.Tensor] = {}
 
@@ -204,7 +231,7 @@ def _run_chunk(lm: LM, setup: _Setup, start: int, chunk: Sequence[Restoration]) 
 
     fns[final] = record
     ids = torch.tensor([setup.ids[start:]] * rows, device=lm.device)
-    with patch(lm, fns, stop_after=final):
+    with patch(lm, fns, stop_after=final), start_at(lm, first_block, resid) if resid is not None else nullcontext():
         lm.model(input_ids=ids, cache=cache, use_cache=cache is not None)
     probs = _answer_probs(lm, hidden["last"], setup.answer_id)  # (rows,)
     return probs.view(samples, n).mean(0)
@@ -213,21 +240,27 @@ def _run_chunk(lm: LM, setup: _Setup, start: int, chunk: Sequence[Restoration]) 
 @torch.no_grad()
 def _run_restorations(lm: LM, setup: _Setup, restorations: Sequence[Restoration], *, max_tokens: int = 4096,
                       progress: ProgressFn | None = None) -> tuple[torch.Tensor, int]:
-    """Mean P(answer) of each restoration -> ((len(restorations),), forwards run). Batches as many rows
-    as fit in `max_tokens` token-positions per forward; each batch after token 0 also runs its prefix."""
+    """Mean P(answer) of each restoration -> ((len(restorations),), forwards run).
+
+    Restorations are grouped by (first restored token, first block), and each group runs in batches of
+    at most `max_tokens` token-positions. Each first token after 0 also runs one prefix forward."""
     samples = setup.noise.shape[0]
     out = torch.empty(len(restorations))
-    by_start: dict[int, list[int]] = {}
+    groups: dict[tuple[int, int], list[int]] = {}
     for i, restoration in enumerate(restorations):
-        by_start.setdefault(restoration.start, []).append(i)
+        groups.setdefault((restoration.start, restoration.first_block), []).append(i)
     done = n_forwards = 0
-    for start, idx in sorted(by_start.items()):
+    prefix_start, prefix = -1, None
+    for (start, first_block), idx in sorted(groups.items()):
+        if start != prefix_start:
+            prefix_start, prefix = start, _prefix_cache(lm, setup, start)
+            n_forwards += prefix is not None
         width = len(setup.ids) - start
         per_chunk = max(1, max_tokens // (samples * width))
         for c in range(0, len(idx), per_chunk):
             part = idx[c:c + per_chunk]
-            out[part] = _run_chunk(lm, setup, start, [restorations[i] for i in part]).cpu()
-            n_forwards += 2 if start > 0 else 1
+            out[part] = _run_chunk(lm, setup, start, first_block, [restorations[i] for i in part], prefix).cpu()
+            n_forwards += 1
             done += len(part)
             if progress is not None:
                 progress(done, len(restorations))
@@ -421,7 +454,8 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
         clean_prob, corrupted_prob = probs[0].item(), probs[1:].mean().item()
         source = {site: acts[site][0] for site in kinds_sites}
         frozen = {site: acts[site][1:] for site in kinds_sites}
-        setup = _Setup(ids, full_noise[1:], source, frozen, answer_id)
+        resid = [acts[Site("resid_out", layer)][1:] for layer in range(n_layers)]
+        setup = _Setup(ids, full_noise[1:], source, frozen, answer_id, resid)
         # Tokens before the subject see no noise: restoring them is a no-op (filled with corrupted_prob).
         traced = [t for t in (range(n_pos) if tokens is None else tokens) if t >= span.first]
         offset = 0
@@ -446,7 +480,8 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
         for site in kinds_sites:
             source[site][valid] = src_acts[site][0, [t + offset for t in valid]]
         frozen = {site: base_acts[site] for site in kinds_sites}
-        setup = _Setup(ids, torch.zeros(1, n_pos, d_model, device=lm.device), source, frozen, answer_id)
+        resid = [base_acts[Site("resid_out", layer)] for layer in range(n_layers)]
+        setup = _Setup(ids, torch.zeros(1, n_pos, d_model, device=lm.device), source, frozen, answer_id, resid)
         traced = [t for t in (range(n_pos) if tokens is None else tokens) if t in set(valid)]
 
     cells = [(kind, t, layer, r) for kind in kinds
@@ -543,10 +578,13 @@ def restored_prob(lm: LM, prompt: str, subject: str, restore: Mapping[Site, Sequ
                                                            generator=generator) * noise
     full_noise = full_noise.to(lm.device)
     sites = list(restore)
-    acts, last = _capture_all(lm, torch.tensor([ids] * (samples + 1), device=lm.device), full_noise, sites)
+    resid_sites = [Site("resid_out", layer) for layer in range(lm.n_layers)]
+    acts, last = _capture_all(lm, torch.tensor([ids] * (samples + 1), device=lm.device), full_noise,
+                              [*sites, *resid_sites])
     answer_id = (int(lm.arch.logits_from_final(lm.model, last[:1])[0].argmax()) if answer is None
                  else target_ids(lm, answer)[0])
-    setup = _Setup(ids, full_noise[1:], {s: acts[s][0] for s in sites}, {}, answer_id)
+    setup = _Setup(ids, full_noise[1:], {s: acts[s][0] for s in sites}, {}, answer_id,
+                   [acts[s][1:] for s in resid_sites])
     pairs = tuple((site, t) for site, positions in restore.items() for t in positions)
     if not pairs:
         raise RequestError("restore names no (site, token) to restore")

@@ -145,6 +145,34 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
     return model, tokenizer
 
 
+def _load_cached_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a converted built-in model, with the tokenizer from a pickle written by the previous load.
+
+    Parsing Gemma's 33 MB tokenizer.json takes ~3 s, the weights ~0.3 s; unpickling the tokenizer object is
+    ~3x faster. The pickle is our own cache file, keyed by the transformers and tokenizers versions, and
+    rebuilt from tokenizer.json whenever it is missing or unreadable.
+    """
+    import pickle
+
+    import tokenizers
+    import transformers
+
+    pickled = path / f"tokenizer-{transformers.__version__}-{tokenizers.__version__}.pkl"
+    tokenizer = None
+    if pickled.exists():
+        try:
+            tokenizer = pickle.loads(pickled.read_bytes())
+        except Exception:  # noqa: BLE001  (any unpickling failure: fall back to the JSON)
+            log.warning("could not read %s; rebuilding it", pickled)
+    if tokenizer is None:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        tmp = pickled.with_name(pickled.name + ".tmp")
+        tmp.write_bytes(pickle.dumps(tokenizer))
+        tmp.replace(pickled)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    return model, tokenizer
+
+
 def _builtin_cache_path(spec: BuiltinModel) -> Path:
     _package_dir(spec.package)
     return cache_dir() / "models" / f"{spec.name}-{_dist_version(spec.package)}"
@@ -170,7 +198,7 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
         raise ModelNotFoundError(
             f"built-in model {spec.name!r} needs the package {spec.package!r}: run `{spec.install}`") from None
     if (target / "config.json").exists():
-        return _load_dir(target, dtype)
+        return _load_cached_dir(target, dtype)
     log.info("first load of %s: converting GGUF to safetensors under %s", spec.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename it into place, so an interrupted conversion leaves nothing half-written.
@@ -192,7 +220,7 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
         except OSError:  # another process finished first: theirs is as good as ours
             if not (target / "config.json").exists():
                 raise
-    return _load_dir(target, dtype)
+    return _load_cached_dir(target, dtype)
 
 
 def load(name_or_path: str = DEFAULT_MODEL, *, device: str | None = "cpu",
