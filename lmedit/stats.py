@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int], None]  # (done, total) in tokens
+Progress = Callable[[str, int, int], None]  # (phase, done, total): phase "sampling corpus" or "key statistics"
 
 
 @dataclass(frozen=True)
@@ -174,7 +174,7 @@ def sample_sequences(lm: LM, n_sequences: int, length: int, seed: int, *, batch_
             tokens = torch.multinomial(probs, 1, generator=gen).to(lm.device)
             ids = torch.cat([ids, tokens], dim=1)
             if progress:
-                progress(b * length + (step + 2) * n, n_sequences * length)
+                progress("sampling corpus", b * length + (step + 2) * n, n_sequences * length)
         out.extend(ids.tolist())
     return out
 
@@ -213,7 +213,7 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
         spec: the corpus.
         cache: where to read/write results (None: compute, keep nothing).
         batch_size: sequences per forward.
-        progress: called with (tokens done, tokens total).
+        progress: called with (phase, tokens done, tokens total) while sampling and while reading keys.
 
     Returns:
         layer -> C as float64 (d_mlp, d_mlp), symmetric positive semi-definite.
@@ -229,7 +229,7 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
             todo.append(layer)
     if not todo:
         return result
-    sequences = corpus_sequences(lm, spec, cache)
+    sequences = corpus_sequences(lm, spec, cache, progress)
     d_mlp = lm.arch.d_mlp(lm.model)
     sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=lm.device) for layer in todo}
     count = 0
@@ -245,7 +245,7 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
             sums[site.layer].addmm_(keys.T, keys)  # type: ignore[index]
         count += int(mask.sum())
         if progress:
-            progress(count, total)
+            progress("key statistics", count, total)
     for layer in todo:
         C = sums[layer] / count
         result[layer] = C

@@ -154,6 +154,20 @@ class _Setup:
     resid: list[torch.Tensor]              # layer l -> (samples, pos, d_model) corrupted resid_out[l]
 
 
+@dataclass
+class _Work:
+    """What a trace ran, for benchmarks: forwards, block-token-positions (token-positions × blocks run,
+    summed over forwards) and rows unembedded."""
+
+    forwards: int = 0
+    block_positions: int = 0
+    unembedded_rows: int = 0
+
+    def add(self, rows: int, positions: int, blocks: int) -> None:
+        self.forwards += 1
+        self.block_positions += rows * positions * blocks
+
+
 def _answer_probs(lm: LM, hidden: torch.Tensor, answer_id: int, chunk: int = 256) -> torch.Tensor:
     """P(answer) from final-norm outputs (n, d_model) -> (n,), unembedding `chunk` rows at a time
     (Gemma's 262k-word vocabulary makes (n, d_vocab) logits large)."""
@@ -181,9 +195,9 @@ def _prefix_cache(lm: LM, setup: _Setup, start: int) -> DynamicCache | None:
 
 def _run_chunk(lm: LM, setup: _Setup, start: int, first_block: int, chunk: Sequence[Restoration],
                prefix: DynamicCache | None) -> torch.Tensor:
-    """Mean P(answer) over noise samples -> (len(chunk),), for restorations whose first restored token
-    is `start` and whose first block is at least `first_block`. `prefix` (not modified) is the corrupted
-    runs' key/value cache of the tokens before `start`."""
+    """Final-norm outputs at the last position -> (samples, len(chunk), d_model), for restorations whose
+    first restored token is `start` and whose first block is at least `first_block`. `prefix` (not
+    modified) is the corrupted runs' key/value cache of the tokens before `start`."""
     samples = setup.noise.shape[0]
     n = len(chunk)
     rows = samples * n
@@ -233,38 +247,60 @@ def _run_chunk(lm: LM, setup: _Setup, start: int, first_block: int, chunk: Seque
     ids = torch.tensor([setup.ids[start:]] * rows, device=lm.device)
     with patch(lm, fns, stop_after=final), start_at(lm, first_block, resid) if resid is not None else nullcontext():
         lm.model(input_ids=ids, cache=cache, use_cache=cache is not None)
-    probs = _answer_probs(lm, hidden["last"], setup.answer_id)  # (rows,)
-    return probs.view(samples, n).mean(0)
+    return hidden["last"].view(samples, n, -1)
 
 
 @torch.no_grad()
 def _run_restorations(lm: LM, setup: _Setup, restorations: Sequence[Restoration], *, max_tokens: int = 4096,
-                      progress: ProgressFn | None = None) -> tuple[torch.Tensor, int]:
-    """Mean P(answer) of each restoration -> ((len(restorations),), forwards run).
+                      unembed_rows: int = 1024, progress: ProgressFn | None = None) -> tuple[torch.Tensor, _Work]:
+    """Mean P(answer) of each restoration -> ((len(restorations),), the work done).
 
     Restorations are grouped by (first restored token, first block), and each group runs in batches of
-    at most `max_tokens` token-positions. Each first token after 0 also runs one prefix forward."""
+    at most `max_tokens` token-positions. Each first token after 0 also runs one prefix forward. The
+    unembedding is deferred until `unembed_rows` final states have gathered: with a large vocabulary
+    (Gemma: 262k words) it costs as much as the blocks, and small batches would re-read its weight."""
     samples = setup.noise.shape[0]
     out = torch.empty(len(restorations))
     groups: dict[tuple[int, int], list[int]] = {}
     for i, restoration in enumerate(restorations):
         groups.setdefault((restoration.start, restoration.first_block), []).append(i)
-    done = n_forwards = 0
+    pending_idx: list[int] = []
+    pending: list[torch.Tensor] = []  # (samples, k, d_model) final states of the restorations in pending_idx
+
+    done = 0
+    work = _Work()
+    n_layers = lm.n_layers
+
+    def flush() -> None:
+        nonlocal done
+        hidden = torch.cat(pending, dim=1)  # (samples, n_pending, d_model)
+        probs = _answer_probs(lm, hidden.reshape(-1, hidden.shape[-1]), setup.answer_id)  # sample-major rows
+        out[pending_idx] = probs.view(samples, -1).mean(0).cpu()
+        work.unembedded_rows += probs.shape[0]
+        done += len(pending_idx)
+        pending.clear()
+        pending_idx.clear()
+        if progress is not None:
+            progress(done, len(restorations))
+
     prefix_start, prefix = -1, None
     for (start, first_block), idx in sorted(groups.items()):
         if start != prefix_start:
             prefix_start, prefix = start, _prefix_cache(lm, setup, start)
-            n_forwards += prefix is not None
+            if prefix is not None:
+                work.add(samples, start, n_layers)
         width = len(setup.ids) - start
         per_chunk = max(1, max_tokens // (samples * width))
         for c in range(0, len(idx), per_chunk):
             part = idx[c:c + per_chunk]
-            out[part] = _run_chunk(lm, setup, start, first_block, [restorations[i] for i in part], prefix).cpu()
-            n_forwards += 1
-            done += len(part)
-            if progress is not None:
-                progress(done, len(restorations))
-    return out, n_forwards
+            pending.append(_run_chunk(lm, setup, start, first_block, [restorations[i] for i in part], prefix))
+            pending_idx.extend(part)
+            work.add(samples * len(part), width, n_layers - first_block)
+            if len(pending_idx) * samples >= unembed_rows:
+                flush()
+    if pending:
+        flush()
+    return out, work
 
 
 # --------------------------------------------------------------------------------------------------
@@ -288,6 +324,9 @@ class TraceResult:
         severed: "mlp"/"attn" when later layers' MLP/attention outputs were frozen (resid kind only).
         source_prompt / source_offset: patching from another prompt; traced position t takes the source
             state at t + source_offset (prompts aligned at their ends).
+        n_forwards: forwards run by the whole `trace_kinds` call (shared by the kinds it traced); `extra`
+            holds its other work counts: "block_positions" (token-positions × blocks run, summed over
+            forwards) and "unembedded_rows".
     """
 
     kind: str
@@ -427,7 +466,7 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
             raise RequestError(f"token positions {bad} are outside the prompt's {n_pos} tokens")
     kinds_sites = [Site(_SITE_KIND[k], layer) for k in KINDS for layer in range(n_layers)]
     d_model = lm.arch.d_model(lm.model)
-    n_forwards = 0
+    work = _Work()
 
     if source_prompt is None:
         noise = embedding_noise(lm) if noise is None else noise
@@ -439,7 +478,8 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
         # Batch item 0 is the clean run; items 1..samples the corrupted runs.
         batch = torch.tensor([ids] * (samples + 1), device=lm.device)
         acts, last = _capture_all(lm, batch, full_noise, kinds_sites)
-        n_forwards += 1
+        work.add(samples + 1, n_pos, n_layers)
+        work.unembedded_rows += samples + 1
         logits = lm.arch.logits_from_final(lm.model, last[:1]).float()
         if answer is None:
             answer_id = int(logits[0].argmax())
@@ -463,7 +503,9 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
         source_ids = _encode_prompt(lm, source_prompt)
         src_acts, src_last = _capture_all(lm, torch.tensor([source_ids], device=lm.device), None, kinds_sites)
         base_acts, base_last = _capture_all(lm, torch.tensor([ids], device=lm.device), None, kinds_sites)
-        n_forwards += 2
+        work.add(1, len(source_ids), n_layers)
+        work.add(1, n_pos, n_layers)
+        work.unembedded_rows += 2
         if source_answer is None:
             answer_id = int(lm.arch.logits_from_final(lm.model, src_last).float()[0].argmax())
             answer_text, answer_n = lm.tokenizer.decode([answer_id]).strip(), 1
@@ -486,8 +528,9 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
 
     cells = [(kind, t, layer, r) for kind in kinds
              for t, layer, r in _restorations(kind, traced, n_layers, window, sever)]
-    results, n_run = _run_restorations(lm, setup, [c[3] for c in cells], max_tokens=max_tokens, progress=progress)
-    n_forwards += n_run
+    results, run = _run_restorations(lm, setup, [c[3] for c in cells], max_tokens=max_tokens, progress=progress)
+    work = _Work(work.forwards + run.forwards, work.block_positions + run.block_positions,
+                 work.unembedded_rows + run.unembedded_rows)
 
     out: dict[str, TraceResult] = {}
     for kind in kinds:
@@ -504,7 +547,8 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
             answer_token_id=answer_id, answer_n_tokens=answer_n, clean_prob=clean_prob,
             corrupted_prob=corrupted_prob, noise=float(noise), samples=samples,
             window=1 if kind == "resid" else window, seed=seed, model=lm.name, severed=sever,
-            source_prompt=source_prompt, source_offset=offset, n_forwards=n_forwards)
+            source_prompt=source_prompt, source_offset=offset, n_forwards=work.forwards,
+            extra={"block_positions": work.block_positions, "unembedded_rows": work.unembedded_rows})
     return out
 
 

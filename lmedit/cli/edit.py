@@ -10,8 +10,8 @@ from pathlib import Path
 from rich.table import Table
 
 import lmedit
-from lmedit.cli._common import add_model_args, console, load_model
-from lmedit.editors import get_editor
+from lmedit.cli._common import add_model_args, console, load_model, progress_reporter
+from lmedit.editors import DEFAULT_METHOD, get_editor
 from lmedit.errors import RequestError
 from lmedit.registry import editors
 from lmedit.scoring import generate, score_targets
@@ -28,7 +28,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("edit", help="edit a fact in a model", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--method", default="rome", help=f"editor (registered: {', '.join(editors.names())})")
+    p.add_argument("--method", default=DEFAULT_METHOD, help=f"editor (registered: {', '.join(editors.names())})")
     p.add_argument("--config", help="YAML file of the method's settings (configs/<method>/<model>.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
     p.add_argument("--request", help="JSON object or JSONL file of requests {prompt, subject, target_new, target_true}")
@@ -96,7 +96,9 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p, _, _ in rows]
     before = _scores(lm, rows)
     gen_before = generate(lm, prompts, max_new_tokens=args.max_new_tokens)
-    with console.status(f"editing with {args.method} ..."):
+    console.print(f"editing with {args.method} ...")
+    with progress_reporter() as report:
+        editor.progress = report
         result = editor.edit(lm, requests)
     result.apply(lm)
     after = _scores(lm, rows)

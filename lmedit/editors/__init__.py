@@ -20,7 +20,10 @@ from lmedit.types import EditRequest
 if TYPE_CHECKING:
     from lmedit.models.load import LM
 
-__all__ = ["Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "edit", "get_editor", "load_edit"]
+# The method `lmedit edit` and `lmedit.edit` use when none is named: the one place that names a default.
+DEFAULT_METHOD = "rome"
+
+__all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "edit", "get_editor", "load_edit"]
 
 
 def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path | None = None,
@@ -41,7 +44,7 @@ def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path |
     return cls(load_config(config_class, config, overrides))
 
 
-def edit(lm: LM, requests: EditRequest | Sequence[EditRequest], method: str = "rome", *,
+def edit(lm: LM, requests: EditRequest | Sequence[EditRequest], method: str = DEFAULT_METHOD, *,
          config: EditorConfig | dict[str, Any] | str | Path | None = None, apply: bool = True) -> Edit:
     """Edit `lm` so that each request's prompt is completed by its `target_new`.
 

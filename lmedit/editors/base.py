@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,8 @@ class Editor(ABC, Generic[C]):
 
     def __init__(self, config: C | None = None) -> None:
         self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
+        # Long preparatory work (statistics, sampling) reports here as (phase, done, total); the CLI sets it.
+        self.progress: Callable[[str, int, int], None] | None = None
 
     @abstractmethod
     def edit(self, lm: LM, requests: Sequence[EditRequest]) -> Edit:

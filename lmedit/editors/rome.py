@@ -113,7 +113,7 @@ class RomeEditor(Editor[RomeConfig]):
 
     def covariance(self, lm: LM, layer: int) -> torch.Tensor:
         spec = CorpusSpec(source=self.config.corpus, n_tokens=self.config.corpus_tokens, seed=self.config.seed)
-        C = key_second_moment(lm, [layer], spec, cache=self.cache)[layer]
+        C = key_second_moment(lm, [layer], spec, cache=self.cache, progress=self.progress)[layer]
         s = self.config.cov_shrinkage
         if s:
             C = (1 - s) * C + s * torch.trace(C) / C.shape[0] * torch.eye(C.shape[0], dtype=C.dtype, device=C.device)

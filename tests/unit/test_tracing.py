@@ -78,10 +78,16 @@ def test_engine_matches_hand_written_forwards(tiny_family_lm):
         expect = _hand_cell(lm, PROMPT, SUBJECT, res.answer_token_id, [Site("resid_out", layer)], token,
                             samples=2, noise=NOISE)
         assert math.isclose(res.scores[token][layer], expect, rel_tol=1e-4, abs_tol=1e-7)
+    # the last layer: every block is skipped and the restored state goes straight to the final norm
+    expect = _hand_cell(lm, PROMPT, SUBJECT, res.answer_token_id, [Site("resid_out", n_layers - 1)], last,
+                        samples=2, noise=NOISE)
+    assert math.isclose(res.scores[last][n_layers - 1], expect, rel_tol=1e-4, abs_tol=1e-7)
+    # windows starting at block 0 and at block 1 (the forward then starts at block 1)
     for kind, site_kind in (("mlp", "mlp.out"), ("attn", "attn.out")):
-        sites = [Site(site_kind, j) for j in window_layers(1, 2, n_layers)]
-        expect = _hand_cell(lm, PROMPT, SUBJECT, res.answer_token_id, sites, last, samples=2, noise=NOISE)
-        assert math.isclose(results[kind].scores[last][1], expect, rel_tol=1e-4, abs_tol=1e-7)
+        for center in (1, 2):
+            sites = [Site(site_kind, j) for j in window_layers(center, 2, n_layers)]
+            expect = _hand_cell(lm, PROMPT, SUBJECT, res.answer_token_id, sites, last, samples=2, noise=NOISE)
+            assert math.isclose(results[kind].scores[last][center], expect, rel_tol=1e-4, abs_tol=1e-7)
     # clean / corrupted probabilities
     logits = lm.model(input_ids=torch.tensor([prompt_ids(lm, PROMPT)])).logits[0, -1]
     assert res.answer_token_id == int(logits.argmax())

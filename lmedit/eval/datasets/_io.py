@@ -158,6 +158,23 @@ def require(obj: dict[str, Any], fields: tuple[str, ...]) -> list[str]:
     return [f for f in fields if f not in obj or obj[f] in (None, "", [])]
 
 
+def checked_records(path: Path, issues: Issues, fields: tuple[str, ...]) -> Iterator[tuple[int, Any, dict[str, Any]]]:
+    """Yield (index, case_id, record) for the JSON objects of `path` that have every field in `fields`.
+
+    Non-objects and records missing a field are recorded in `issues` and skipped.
+    """
+    for index, raw in read_records(path):
+        if not isinstance(raw, dict):
+            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
+            continue
+        case_id = raw.get("case_id", index)
+        missing = require(raw, fields)
+        if missing:
+            issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
+            continue
+        yield index, case_id, raw
+
+
 def make_request(issues: Issues, index: int, case_id: Any, field: str, prompt: Any, subject: Any,
                  target_new: Any, target_true: Any) -> EditRequest | None:
     """An `EditRequest`, or None after recording why the fields cannot make one.

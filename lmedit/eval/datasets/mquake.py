@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
+from lmedit.eval.datasets._io import Issues, checked_records, make_request, text_of
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 
@@ -22,15 +22,7 @@ MQUAKE_URL = "https://raw.githubusercontent.com/princeton-nlp/MQuAKE/main/datase
 def load_mquake(path: Path, issues: Issues) -> list[EvalRecord]:
     """Read MQuAKE cases; a case with any invalid edit is skipped whole."""
     records = []
-    for index, raw in read_records(path):
-        if not isinstance(raw, dict):
-            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
-            continue
-        case_id = raw.get("case_id", index)
-        missing = require(raw, ("requested_rewrite", "questions", "answer", "new_answer"))
-        if missing:
-            issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
-            continue
+    for index, case_id, raw in checked_records(path, issues, ("requested_rewrite", "questions", "answer", "new_answer")):
         requests = []
         for j, rw in enumerate(raw["requested_rewrite"]):
             field = f"requested_rewrite[{j}]"

@@ -17,7 +17,7 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
+from lmedit.eval.datasets._io import Issues, checked_records, make_request, require, text_of
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 
@@ -29,15 +29,7 @@ def starter_path() -> Path:
 def load_starter(path: Path, issues: Issues) -> list[EvalRecord]:
     """Read starter-layout records (see the module docstring)."""
     records = []
-    for index, raw in read_records(path):
-        if not isinstance(raw, dict):
-            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
-            continue
-        case_id = raw.get("case_id", index)
-        missing = require(raw, ("requested_rewrite",))
-        if missing:
-            issues.add(index, case_id, "requested_rewrite", "missing")
-            continue
+    for index, case_id, raw in checked_records(path, issues, ("requested_rewrite",)):
         rw = raw["requested_rewrite"]
         request = make_request(issues, index, case_id, "requested_rewrite", rw.get("prompt"), rw.get("subject"),
                                text_of(rw.get("target_new")), text_of(rw.get("target_true")))

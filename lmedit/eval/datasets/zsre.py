@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmedit.eval.datasets._io import Issues, make_request, read_records, require
+from lmedit.eval.datasets._io import Issues, checked_records, make_request
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 
@@ -23,15 +23,7 @@ ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 def load_zsre(path: Path, issues: Issues) -> list[EvalRecord]:
     """Read zsRE records (JSON array or lines); the record index is the case id when none is given."""
     records = []
-    for index, raw in read_records(path):
-        if not isinstance(raw, dict):
-            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
-            continue
-        case_id = raw.get("case_id", index)
-        missing = require(raw, ("subject", "src", "alt", "answers"))
-        if missing:
-            issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
-            continue
+    for index, case_id, raw in checked_records(path, issues, ("subject", "src", "alt", "answers")):
         answers = raw["answers"]
         if not isinstance(answers, list) or not isinstance(answers[0], str):
             issues.add(index, case_id, "answers", f"must be a list of strings, got {answers!r}")

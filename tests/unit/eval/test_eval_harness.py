@@ -189,10 +189,10 @@ def test_public_api_exports_evaluate():
 
 
 def test_eval_and_cli_never_name_a_method():
-    """Quoted editor registry keys must not appear in eval/ or `lmedit eval` code (epilog examples are prose)."""
+    """Quoted editor registry keys must not appear in eval/ or cli/ code (epilog examples are prose)."""
     root = Path(lmedit.__file__).parent
     names = [n for n in editors.names()]
-    files = list((root / "eval").rglob("*.py")) + [root / "cli" / "eval.py"]
+    files = list((root / "eval").rglob("*.py")) + list((root / "cli").rglob("*.py"))
     offenders = []
     for path in files:
         text = path.read_text()
