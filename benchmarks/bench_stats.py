@@ -12,6 +12,7 @@ Usage: .venv/bin/python benchmarks/bench_stats.py [--model gemma3-270m] [--setti
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -82,6 +83,7 @@ def main() -> None:
             rows.append({"corpus": source, "n_tokens": int(n), "corpus_s": round(corpus_s, 1),
                          "stats_s": round(stats_s, 1), "stats_s_per_10k": round(stats_s / int(n) * 1e4, 2),
                          **quality(lm, editor)})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # partial results while the rest runs
     emit({"benchmark": "stats", "model": args.model, "layer": layer, "n_facts": len(FACTS), "settings": rows,
           "peak_rss_mb": round(peak_rss_mb())})
 

@@ -43,9 +43,11 @@ restoring attention heads or MLP neurons individually, models without a key/valu
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -391,6 +393,11 @@ def _validate(lm: LM, prompt: str, samples: int, noise: float | None, window: in
         raise RequestError(f"samples must be >= 1, got {samples}")
     if noise is not None and (noise < 0 or not math.isfinite(noise)):
         raise RequestError(f"noise must be a finite non-negative std, got {noise}")
+    return _validate_window(lm, window)
+
+
+def _validate_window(lm: LM, window: int | None) -> int:
+    """The window to use: `window`, or the default for the model's depth."""
     n_layers = lm.n_layers
     window = default_window(n_layers) if window is None else window
     if not 1 <= window <= n_layers:
@@ -456,6 +463,8 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
     if sever is not None and (sever not in ("mlp", "attn") or set(kinds) != {"resid"}):
         raise RequestError("sever='mlp' or 'attn' freezes later layers while restoring the residual stream: "
                            f"use it with kind='resid' only (got sever={sever!r}, kinds={tuple(kinds)})")
+    if source_prompt is not None and not source_prompt.strip():
+        raise RequestError("the source prompt is empty: give the prompt whose states are patched in")
     n_layers = lm.n_layers
     ids = _encode_prompt(lm, prompt)
     span = find_subject(lm, prompt, subject)
@@ -823,7 +832,11 @@ def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequenc
 @dataclass
 class LayerSuggestion:
     """The layer to edit and the evidence: the average MLP indirect effect at the last subject token per
-    layer (window centre), with its 95% band, over `n_facts` facts."""
+    layer (window centre), with its 95% band, over `n_facts` facts.
+
+    `fingerprint` (the model's `LM.fingerprint`), `facts_sha` (hash of the facts' content), `noise`,
+    `window`, `samples` and `seed` are the settings it was computed with, which key its on-disk cache.
+    """
 
     layer: int
     curve: list[float]
@@ -832,29 +845,83 @@ class LayerSuggestion:
     window: int
     samples: int
     model: str = ""
+    noise: float = 0.0
+    seed: int = 0
+    fingerprint: str = ""
+    facts_sha: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+SUGGESTION_VERSION = 1  # bump when suggest_layer's method changes: old cache entries are then ignored
+
+
+def _facts_sha(facts: Sequence[Fact]) -> str:
+    text = json.dumps([[f.prompt, f.subject, f.answer] for f in facts], ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _suggestion_path(root: Path, lm: LM, facts_sha: str, samples: int, noise: float, window: int,
+                     seed: int) -> Path:
+    settings = json.dumps({"version": SUGGESTION_VERSION, "facts": facts_sha, "samples": samples,
+                           "noise": float(noise).hex(), "window": window, "seed": seed}, sort_keys=True)
+    key = hashlib.sha256(settings.encode()).hexdigest()[:16]
+    return root / lm.fingerprint / f"suggest_layer-{key}.json"
+
+
+def _write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to a temporary file in the same directory, then rename it over `path` (readers never
+    see a partial file; of two concurrent writers, the last rename wins)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
+
+
 def suggest_layer(lm: LM, facts: Sequence[Fact] | None = None, *, samples: int = 5, noise: float | None = None,
-                  window: int | None = None, seed: int = 0, progress: ProgressFn | None = None) -> LayerSuggestion:
+                  window: int | None = None, seed: int = 0, progress: ProgressFn | None = None,
+                  cache: bool | str | Path = True) -> LayerSuggestion:
     """The layer whose MLP restoration at the last subject token has the largest average indirect effect.
 
-    What ROME's `layer="auto"` uses. Only the last subject token is traced, so this costs about
-    n_layers × samples short rows per fact (tens of seconds for the built-in facts on 2 CPU cores; cache
-    the answer per model).
+    What ROME's `layer=None` ("auto") uses. Only the last subject token is traced, so this costs about
+    n_layers × samples short rows per fact: 1-3 minutes for the built-in facts on 2 CPU cores. The
+    answer and its evidence curve are therefore cached on disk, as JSON, under
+    `<cache>/<LM.fingerprint>/suggest_layer-<key>.json`, where the key hashes the facts' content and the
+    settings (samples, resolved noise and window, seed); a later call with the same model, facts and
+    settings reads that file. Like the covariance statistics, the cache is keyed by the weights the
+    model was loaded with, so a call while an edit is applied in place returns the unedited model's answer.
 
     Args:
         lm: the model bundle.
         facts: the facts to average over; default `builtin_facts()` (those the model gets right are kept).
         samples: noise draws per restoration (5: averaging over facts smooths the rest).
         noise, window, seed: as in `trace`.
-        progress: called as progress(facts done, facts total).
+        progress: called as progress(facts done, facts total) (not called on a cache hit).
+        cache: True for `lmedit.models.load.cache_dir() / "tracing"` ($LMEDIT_CACHE/tracing), a
+            directory to use instead, or False to neither read nor write a cache.
 
     Returns:
         A `LayerSuggestion` with `layer` and the evidence curve.
     """
+    facts = builtin_facts() if facts is None else list(facts)
+    window = _validate_window(lm, window)
+    noise = embedding_noise(lm) if noise is None else noise
+    facts_sha = _facts_sha(facts)
+    path = None
+    if cache is not False:
+        from lmedit.models.load import cache_dir
+
+        root = cache_dir() / "tracing" if cache is True else Path(cache)
+        path = _suggestion_path(root, lm, facts_sha, samples, noise, window, seed)
+        if path.exists():
+            try:
+                suggestion = LayerSuggestion(**json.loads(path.read_text()))
+            except (ValueError, TypeError) as error:  # a truncated or foreign file: recompute and overwrite
+                log.warning("ignoring unreadable cached layer suggestion %s (%s)", path, error)
+            else:
+                log.info("suggested layer %d for %s, cached in %s", suggestion.layer, lm.name, path)
+                return suggestion
     avg = average_trace(lm, facts, kinds=("mlp",), samples=samples, noise=noise, window=window, seed=seed,
                         buckets=("last subject",), progress=progress)
     curve, band = avg.mean["mlp"][0], avg.band["mlp"][0]
@@ -862,8 +929,12 @@ def suggest_layer(lm: LM, facts: Sequence[Fact] | None = None, *, samples: int =
     n = avg.n_known or avg.n_given
     log.info("suggested layer %d for %s (MLP effect %.3f at the last subject token, %d facts)",
              layer, lm.name, curve[layer], n)
-    return LayerSuggestion(layer=layer, curve=curve, band=band, n_facts=n, window=avg.window, samples=samples,
-                           model=lm.name)
+    suggestion = LayerSuggestion(layer=layer, curve=curve, band=band, n_facts=n, window=avg.window, samples=samples,
+                                 model=lm.name, noise=float(noise), seed=seed, fingerprint=lm.fingerprint,
+                                 facts_sha=facts_sha)
+    if path is not None:
+        _write_json_atomic(path, suggestion.to_dict())
+    return suggestion
 
 
 # --------------------------------------------------------------------------------------------------

@@ -51,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--suggest-layer", action="store_true",
                         help="print the layer to edit (MLP effect peak at the last subject token) and its evidence")
     parser.add_argument("--facts", type=Path, help="facts for --suggest-layer (default: the built-in facts)")
+    parser.add_argument("--no-cache", action="store_true",
+                        help="recompute --suggest-layer even if $LMEDIT_CACHE/tracing holds the answer")
     add_model_args(parser)
     parser.set_defaults(run=run)
 
@@ -135,7 +137,7 @@ def _suggest(lm, args: argparse.Namespace) -> int:
     samples = args.samples or 5
     with _progress() as progress:
         suggestion = suggest_layer(lm, facts, samples=samples, noise=args.noise, window=args.window, seed=args.seed,
-                                   progress=_tracker(progress, "facts"))
+                                   progress=_tracker(progress, "facts"), cache=not args.no_cache)
     path = args.out / f"suggest_layer_{lm.name.replace('/', '_')}.json"
     path.write_text(json.dumps(suggestion.to_dict(), indent=1))
     curve = "  ".join(f"{i}:{v:.3f}" for i, v in enumerate(suggestion.curve))

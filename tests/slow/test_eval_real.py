@@ -1,17 +1,19 @@
 """The evaluation harness end to end with ROME on the real default model (a few starter facts, ~1 minute).
 
-The layer and the statistics corpus are pinned so the test does not run causal tracing to pick a layer,
-and uses the cheap docstring corpus for C (cached after the first run).
+ROME runs with the default model's config file (its layer chosen from tracing evidence, so no tracing runs
+here; statistics cached after the first run).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
 from lmedit.eval import evaluate, load_dataset
 
-ROME_SETTINGS = {"layer": 6, "corpus": "docstrings"}
+ROME_SETTINGS = str(Path(__file__).parents[2] / "configs" / "rome" / "gemma3-270m.yaml")
 
 
 @pytest.mark.slow

@@ -1,5 +1,7 @@
 """ROME on the real built-in models (the issue's acceptance checks). Slow: real weights on CPU."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from lmedit.scoring import score_targets
 from lmedit.tokens import subject_span, target_ids
 
 pytestmark = pytest.mark.slow
+CONFIGS = Path(__file__).parents[2] / "configs" / "rome"
 
 EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 PROMPTS = ["The Eiffel Tower is located in the city of",        # the edit prompt
@@ -26,7 +29,7 @@ def _margins(lm):
 @pytest.mark.parametrize("model_fixture", ["gemma", "smollm"])
 def test_eiffel_tower_to_rome(model_fixture, request, tmp_path, capsys):
     lm = request.getfixturevalue(model_fixture)
-    editor = get_editor("rome", f"configs/rome/{lm.name}.yaml")
+    editor = get_editor("rome", CONFIGS / f"{lm.name}.yaml")
     before = _margins(lm)
     assert all(m < 0 for m in before), f"the unedited model should prefer Paris everywhere: {before}"
     snapshot = {k: v.clone() for k, v in lm.model.state_dict().items()}

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmedit.hooks import capture, patch
+from lmedit.hooks import capture, patch, start_at
 from lmedit.types import Site
 
 
@@ -125,3 +125,39 @@ def test_site_spelling():
         Site("mlp.key")
     with pytest.raises(ValueError, match="kind"):
         Site("mlp_out", 1)  # type: ignore[arg-type]
+
+
+def test_start_at_reproduces_the_full_forward(tiny_family_lm):
+    lm = tiny_family_lm
+    enc = lm.encode(["The Space Needle is in downtown"])
+    n = lm.n_layers
+    with torch.no_grad():
+        with capture(lm, [Site("resid_out", i) for i in range(n)]) as acts:
+            full = lm.model(**enc).logits
+        for layer in (1, n - 1, n):
+            resid = acts[Site("resid_out", layer - 1)]
+            with start_at(lm, layer, resid):
+                torch.testing.assert_close(lm.model(**enc).logits, full)
+        # the resid_out hook of the last skipped block sees `resid` and may rewrite it
+        delta = torch.randn_like(resid[:, :1])
+        with patch(lm, {Site("resid_out", 1): lambda act, site: act + delta}):
+            patched = lm.model(**enc).logits
+        with start_at(lm, 2, acts[Site("resid_out", 1)]), \
+                patch(lm, {Site("resid_out", 1): lambda act, site: act + delta}):
+            torch.testing.assert_close(lm.model(**enc).logits, patched)
+    assert all("forward" not in block.__dict__ for block in lm.arch.blocks(lm.model))
+    assert torch.equal(lm.model(**enc).logits, full)
+
+
+def test_start_at_refuses_hooks_it_would_skip(tiny_llama):
+    lm = tiny_llama
+    enc = lm.encode(["Rome is the capital of"])
+    resid = torch.zeros(1, enc["input_ids"].shape[1], lm.arch.d_model(lm.model))
+    for site in (Site("mlp.out", 1), Site("resid_out", 0), Site("attn.out", 0)):
+        with pytest.raises(ValueError, match="skips block"):
+            with torch.no_grad(), start_at(lm, 2, resid), capture(lm, [site]):
+                lm.model(**enc)
+    assert all("forward" not in block.__dict__ for block in lm.arch.blocks(lm.model))
+    with pytest.raises(IndexError):
+        with start_at(lm, lm.n_layers + 1, resid):
+            pass

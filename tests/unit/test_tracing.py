@@ -2,13 +2,14 @@
 forwards, the paper's sanity properties, a hand-built model whose association lives in one layer, plots
 and bad input."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from lmedit.errors import RequestError
-from lmedit.hooks import patch
+from lmedit.hooks import capture, patch
 from lmedit.testing import tiny_lm
 from lmedit.tokens import find_subject, prompt_ids, target_ids
 from lmedit.tracing import (
@@ -34,8 +35,9 @@ SUBJECT = "Space Needle"
 NOISE = 0.5
 
 
-def _hand_cell(lm, prompt, subject, answer_id, restore_sites, token, *, samples, noise, seed=0):
-    """P(answer) restoring `restore_sites` at `token`, written out as full-length patched forwards."""
+def _hand_cell(lm, prompt, subject, answer_id, restore_sites, token, *, samples, noise, seed=0, freeze=()):
+    """P(answer) restoring `restore_sites` at `token` (and holding `freeze` sites at their corrupted
+    values), written out as full-length patched forwards."""
     ids = prompt_ids(lm, prompt)
     span = find_subject(lm, prompt, subject)
     d_model = lm.arch.d_model(lm.model)
@@ -61,7 +63,12 @@ def _hand_cell(lm, prompt, subject, answer_id, restore_sites, token, *, samples,
             act[0, token] = clean[site]
             return act
 
-        with torch.no_grad(), patch(lm, {Site("embed"): corrupt, **{site: restore for site in restore_sites}}):
+        corrupted = {}
+        with torch.no_grad(), patch(lm, {Site("embed"): corrupt}), capture(lm, freeze) as corrupted:
+            lm.model(input_ids=x)
+        fns = {Site("embed"): corrupt, **{site: restore for site in restore_sites},
+               **{site: (lambda act, site: corrupted[site]) for site in freeze}}
+        with torch.no_grad(), patch(lm, fns):
             logits = lm.model(input_ids=x).logits[0, -1]
         probs.append(torch.softmax(logits.float(), -1)[answer_id])
     return torch.stack(probs).mean().item()
@@ -154,6 +161,18 @@ def test_hand_built_model_shows_the_effect_at_its_layer():
     assert math.isclose(results["attn"].scores[-1][3], results["attn"].clean_prob, rel_tol=1e-5)
 
 
+def test_severing_matches_hand_written_forwards(tiny_family_lm):
+    lm = tiny_family_lm
+    n_layers = lm.n_layers
+    for sever, site_kind in (("mlp", "mlp.out"), ("attn", "attn.out")):
+        res = trace(lm, PROMPT, SUBJECT, samples=2, noise=NOISE, sever=sever, tokens=[1, 3])
+        for token, layer in ((1, 0), (3, 1)):
+            freeze = [Site(site_kind, j) for j in range(layer + 1, n_layers)]
+            expect = _hand_cell(lm, PROMPT, SUBJECT, res.answer_token_id, [Site("resid_out", layer)], token,
+                                samples=2, noise=NOISE, freeze=freeze)
+            assert math.isclose(res.scores[token][layer], expect, rel_tol=1e-4, abs_tol=1e-7)
+
+
 def test_severing_with_no_later_layers_changes_nothing(tiny_family_lm):
     lm = tiny_family_lm
     plain = trace(lm, PROMPT, SUBJECT, samples=2, noise=NOISE)
@@ -225,7 +244,7 @@ def test_average_and_suggest_layer(tmp_path, tiny_llama):
     loaded = AverageTraceResult.load(avg.save(tmp_path / "avg.json"))
     assert loaded.counts == avg.counts
     assert all(p.stat().st_size > 1000 for p in avg.plot(tmp_path / "avg"))
-    suggestion = suggest_layer(tiny_llama, facts, samples=2, noise=NOISE)
+    suggestion = suggest_layer(tiny_llama, facts, samples=2, noise=NOISE, cache=False)
     assert 0 <= suggestion.layer < tiny_llama.n_layers
     assert len(suggestion.curve) == tiny_llama.n_layers
     assert suggestion.curve[suggestion.layer] == max(suggestion.curve)
@@ -279,13 +298,24 @@ def test_bad_input(tiny_llama):
         trace(lm, PROMPT, SUBJECT, tokens=[99])
 
 
-def test_cli_writes_heatmaps_json_and_severing(tmp_path):
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    """The tiny Llama saved as a local HF directory, loaded by path (`--model DIR`); a private cache."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    lm = tiny_lm("llama")
+    path = tmp_path / "tiny"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+CLI_FACTS = [{"prompt": "{} is in downtown", "subject": "The Space Needle", "answer": "Seattle"},
+             {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "attribute": "basketball"}]
+
+
+def test_cli_writes_heatmaps_json_and_severing(tmp_path, model_dir):
     from lmedit.cli.main import main
 
-    lm = tiny_lm("llama")
-    model_dir = tmp_path / "tiny"
-    lm.model.save_pretrained(model_dir)
-    lm.tokenizer.save_pretrained(model_dir)
     out = tmp_path / "out"
     code = main(["trace", PROMPT, "--subject", SUBJECT, "--model", str(model_dir), "--samples", "2",
                  "--noise", "0.5", "--sever", "--out", str(out)])
@@ -295,3 +325,109 @@ def test_cli_writes_heatmaps_json_and_severing(tmp_path):
         assert (out / f"{kind}.png").stat().st_size > 1000 and (out / f"{kind}.svg").stat().st_size > 1000
     assert (out / "sever.png").stat().st_size > 1000
     assert main(["trace", PROMPT, "--subject", "Eiffel", "--model", str(model_dir), "--out", str(out)]) == 2
+
+
+def test_suggest_layer_is_cached_on_disk(tmp_path, monkeypatch, tiny_llama):
+    import lmedit.tracing as tracing
+
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    facts = [Fact("{} is in downtown", "The Space Needle", "Seattle"),
+             Fact("{} plays the sport of", "Michael Jordan", "basketball")]
+    first = suggest_layer(tiny_llama, facts, samples=2, noise=NOISE)
+    files = list((tmp_path / "tracing" / tiny_llama.fingerprint).glob("suggest_layer-*.json"))
+    assert len(files) == 1 and not list(files[0].parent.glob(".*tmp"))
+    stored = json.loads(files[0].read_text())
+    assert stored["layer"] == first.layer and stored["curve"] == first.curve and stored["band"] == first.band
+    assert stored["fingerprint"] == tiny_llama.fingerprint and stored["samples"] == 2
+
+    def no_trace(*args, **kwargs):
+        raise AssertionError("recomputed despite the cache")
+
+    monkeypatch.setattr(tracing, "average_trace", no_trace)
+    assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE) == first
+    # other facts, settings or models are other keys; cache=False neither reads nor writes
+    for call in (lambda: suggest_layer(tiny_llama, facts[:1], samples=2, noise=NOISE),
+                 lambda: suggest_layer(tiny_llama, facts, samples=2, noise=NOISE, seed=1),
+                 lambda: suggest_layer(tiny_llama, facts, samples=3, noise=NOISE),
+                 lambda: suggest_layer(tiny_lm("llama", seed=1), facts, samples=2, noise=NOISE),
+                 lambda: suggest_layer(tiny_llama, facts, samples=2, noise=NOISE, cache=False)):
+        with pytest.raises(AssertionError, match="recomputed"):
+            call()
+    # a damaged entry is recomputed and rewritten
+    monkeypatch.undo()
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
+    files[0].write_text('{"layer": 1, "cur')
+    assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE) == first
+    assert json.loads(files[0].read_text())["curve"] == first.curve
+    # an explicit directory
+    assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE, cache=tmp_path / "elsewhere") == first
+    assert list((tmp_path / "elsewhere").rglob("suggest_layer-*.json"))
+
+
+def test_cli_source_prompt(tmp_path, model_dir, capsys):
+    from lmedit.cli.main import main
+
+    out = tmp_path / "out"
+    source = "The Eiffel Tower is in downtown"
+    code = main(["trace", PROMPT, "--subject", SUBJECT, "--source-prompt", source, "--kind", "resid", "mlp",
+                 "--model", str(model_dir), "--out", str(out)])
+    assert code == 0
+    for kind in ("resid", "mlp"):
+        result = TraceResult.load(out / f"source_{kind}.json")
+        assert result.source_prompt == source and result.samples == 1 and result.noise == 0.0
+        assert all((out / f"source_{kind}{suffix}").stat().st_size > 1000 for suffix in (".png", ".svg"))
+    resid = TraceResult.load(out / "source_resid.json")
+    # the last token's last-layer state decides the output: patching it gives the source's probability
+    assert math.isclose(resid.scores[-1][-1], resid.clean_prob, rel_tol=1e-5)
+    assert not (out / "attn.json").exists() and not (out / "source_attn.json").exists()
+    assert "corrupted p" in capsys.readouterr().out
+    assert main(["trace", PROMPT, "--subject", SUBJECT, "--source-prompt", "   ", "--model", str(model_dir),
+                 "--out", str(out)]) == 2
+
+
+def test_cli_average(tmp_path, model_dir, capsys):
+    from lmedit.cli.main import main
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in CLI_FACTS))
+    out = tmp_path / "out"
+    code = main(["trace", "--average", str(facts), "--kind", "mlp", "attn", "--samples", "2", "--noise", "0.5",
+                 "--model", str(model_dir), "--out", str(out)])
+    assert code == 0
+    [path] = out.glob("average_*.json")
+    result = AverageTraceResult.load(path)
+    assert result.kinds == ["mlp", "attn"] and result.n_given == 2 and result.samples == 2
+    assert result.counts["last subject"] == 2
+    assert all(path.with_suffix(suffix).stat().st_size > 1000 for suffix in (".png", ".svg"))
+    assert "of 2 facts" in capsys.readouterr().out
+    assert main(["trace", "--average", str(tmp_path / "missing.jsonl"), "--model", str(model_dir)]) != 0
+
+
+def test_cli_suggest_layer(tmp_path, model_dir, capsys, monkeypatch):
+    import lmedit.tracing as tracing
+    from lmedit.cli.main import main
+
+    facts = tmp_path / "facts.jsonl"
+    facts.write_text("".join(json.dumps(f) + "\n" for f in CLI_FACTS))
+    out = tmp_path / "out"
+    args = ["trace", "--suggest-layer", "--facts", str(facts), "--samples", "2", "--noise", "0.5",
+            "--model", str(model_dir), "--out", str(out)]
+    assert main(args) == 0
+    [path] = out.glob("suggest_layer_*.json")
+    first = json.loads(path.read_text())
+    assert 0 <= first["layer"] < 4 and len(first["curve"]) == 4 and first["n_facts"] == 2
+    assert first["curve"][first["layer"]] == max(first["curve"])
+    printed = capsys.readouterr().out
+    assert f"suggested layer for" in printed and "curve:" in printed
+    assert len(list((tmp_path / "cache" / "tracing").rglob("suggest_layer-*.json"))) == 1
+
+    # the second run reads the cache; --no-cache recomputes
+    def no_trace(*args, **kwargs):
+        raise AssertionError("recomputed despite the cache")
+
+    monkeypatch.setattr(tracing, "average_trace", no_trace)
+    path.unlink()
+    assert main(args) == 0
+    assert json.loads(path.read_text()) == first
+    with pytest.raises(AssertionError, match="recomputed"):
+        main([*args, "--no-cache"])

@@ -43,6 +43,20 @@ def test_rank_one_update_maps_key_to_value():
     assert (out - v.double()).norm() / v.norm() < 1e-10
 
 
+def test_original_key_mix_puts_the_bare_key_in_the_denominator():
+    # ROME's published code: Λ = (v* − W k* − b) / ((C⁻¹k*)ᵀ k_bare); R-ROME (our default) uses k* in both places.
+    torch.manual_seed(1)
+    W, b = torch.randn(8, 16), torch.randn(8)
+    A = torch.randn(16, 40)
+    C = A @ A.T / 40
+    k_star, k_bare, v = torch.randn(16), torch.randn(16), torch.randn(8)
+    left, right = rank_one_update(W, b, C, k_star, v, k_denominator=k_bare)
+    delta = left @ right.T
+    residual = v.double() - W.double() @ k_star.double() - b.double()
+    torch.testing.assert_close(delta @ k_bare.double(), residual)
+    assert not torch.allclose(delta @ k_star.double(), residual)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gemma3_text"])
 def test_rome_edit_on_tiny_model(family, tmp_path):
     lm = tiny_lm(family)
