@@ -1,4 +1,4 @@
-"""Benchmark: a full causal trace (3 kinds) of a 12-token prompt on the default model. Prints JSON.
+"""Benchmark: a full causal trace (3 kinds) of an 11-token prompt on the default model. Prints JSON.
 
 Measures, in the same process:
   * the trace: wall time, forwards, and its work as the engine counts it (token-positions × blocks run,
