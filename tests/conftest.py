@@ -25,6 +25,17 @@ def tiny_gpt2():
     return tiny_lm("gpt2")
 
 
+@pytest.fixture
+def model_dir(tmp_path, monkeypatch):
+    """The tiny Llama saved as a local HF directory, loaded by path (`--model DIR`), with a private cache."""
+    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
+    lm = tiny_lm("llama")
+    path = tmp_path / "tiny-llama"
+    lm.model.save_pretrained(path)
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
 _REAL: dict[str, object] = {}
 
 

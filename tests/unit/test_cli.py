@@ -11,15 +11,9 @@ from lmedit.errors import ModelNotFoundError
 from lmedit.testing import _CORPUS, tiny_lm
 
 
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
-    lm = tiny_lm("llama")
-    path = tmp_path / "tiny-llama"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
+@pytest.fixture(autouse=True)
+def corpus(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n\n".join(_CORPUS * 40))
-    return path
 
 
 def test_load_local_directory_matches(model_dir):

@@ -298,17 +298,6 @@ def test_bad_input(tiny_llama):
         trace(lm, PROMPT, SUBJECT, tokens=[99])
 
 
-@pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    """The tiny Llama saved as a local HF directory, loaded by path (`--model DIR`); a private cache."""
-    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
-    lm = tiny_lm("llama")
-    path = tmp_path / "tiny"
-    lm.model.save_pretrained(path)
-    lm.tokenizer.save_pretrained(path)
-    return path
-
-
 CLI_FACTS = [{"prompt": "{} is in downtown", "subject": "The Space Needle", "answer": "Seattle"},
              {"prompt": "{} plays the sport of", "subject": "Michael Jordan", "attribute": "basketball"}]
 
