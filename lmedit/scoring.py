@@ -45,10 +45,6 @@ class TargetScore:
     n_tokens: int
     token_accuracy: float  # fraction of target tokens that are the argmax given the gold prefix
 
-    @property
-    def mean_logprob(self) -> float:
-        return self.logprob / self.n_tokens
-
 
 @torch.no_grad()
 def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32) -> list[TargetScore]:

@@ -245,11 +245,6 @@ def _stack(lm: LM) -> list[Edit]:
     return stack
 
 
-def applied_edits(lm: LM) -> list[Edit]:
-    """The edits currently applied to `lm`, oldest first."""
-    return list(_stack(lm))
-
-
 def load_edit(path: str | Path) -> Edit:
     """Load any saved edit kind from `path`."""
     return WeightEdit.load(path)

@@ -95,10 +95,6 @@ class ArchSpec:
         w = self.block_module(model, layer, name).weight
         return w.T if self.weight_layout == "in_out" else w
 
-    def to_param_layout(self, canonical: torch.Tensor) -> torch.Tensor:
-        """Turn a (d_out, d_in) matrix (or a (left, right) factor pair's orientation) into the stored layout."""
-        return canonical.T if self.weight_layout == "in_out" else canonical
-
     def factors_to_param_layout(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of Δ = left @ right.T in canonical layout -> factors of the stored parameter's Δ."""
         return (right, left) if self.weight_layout == "in_out" else (left, right)

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -264,12 +263,3 @@ def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTraine
     raise ModelNotFoundError(
         f"model {name!r} is not a built-in name ({builtins}), not a local directory, and not available "
         f"from the Hugging Face cache or hub ({errors[-1]})")
-
-
-def clear_cache(name: str) -> bool:
-    """Delete a built-in model's converted weights; True when something was removed."""
-    path = _builtin_cache_path(BUILTIN_MODELS[name])
-    if path.exists():
-        shutil.rmtree(path)
-        return True
-    return False
