@@ -12,5 +12,6 @@ from lmedit.models.load import LM, load
 from lmedit.tracing import TraceResult, suggest_layer, trace
 from lmedit.types import EditRequest, Site
 
-__all__ = ["LM", "Edit", "EditRequest", "Site", "WeightEdit", "edit", "evaluate", "load", "load_edit", "TraceResult", "suggest_layer", "trace"]
+__all__ = ["LM", "Edit", "EditRequest", "Site", "TraceResult", "WeightEdit", "edit", "evaluate", "load", "load_edit",
+           "suggest_layer", "trace"]
 __version__ = "0.1.0"

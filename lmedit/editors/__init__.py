@@ -10,9 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmedit.config import from_dict, load_config
-from lmedit.editors import rome  # noqa: F401  (registers "rome")
-from lmedit.editors import noop  # noqa: F401  (registers "noop")
-
+from lmedit.editors import noop, rome  # noqa: F401  (each registers itself under its module name)
 from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, load_edit
 from lmedit.registry import editors
 from lmedit.types import EditRequest
@@ -23,7 +21,8 @@ if TYPE_CHECKING:
 # The method `lmedit edit` and `lmedit.edit` use when none is named: the one place that names a default.
 DEFAULT_METHOD = "rome"
 
-__all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "edit", "get_editor", "load_edit"]
+__all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "edit", "get_editor",
+           "load_edit"]
 
 
 def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path | None = None,
