@@ -43,7 +43,11 @@ FACTS = [
 
 
 def floor_time(lm, layer: int, request: EditRequest, prefixes: list[str], n_forward: int) -> float:
-    """Time of n_forward forwards and n_forward-1 backwards of the v* batch (the unavoidable passes)."""
+    """Time of n_forward forwards and n_forward-1 backwards of the v* batch (the unavoidable passes).
+
+    Adapted from lmedit/editors/_value.py::optimize_value: differs in keeping only the passes (no loss terms,
+    optimiser or clamp), so the ratio measures everything else the editor does.
+    """
     t_ids = target_ids(lm, request.target_new)
     seqs, rows, positions, lookups = [], [], [], []
     for r, prefix in enumerate(prefixes):

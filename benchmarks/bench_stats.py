@@ -26,7 +26,8 @@ from lmedit.scoring import score_targets  # noqa: E402
 from lmedit.stats import CorpusSpec, StatsCache, corpus_sequences, key_second_moment  # noqa: E402
 from lmedit.types import EditRequest  # noqa: E402
 
-# (request, paraphrase, neighbour prompt): neighbours share the true object with a different subject.
+# (request, paraphrase, neighbour prompt): neighbours share the true object with a different subject, except
+# Japan's, which keeps the subject and asks another relation (kept so the measured numbers stay comparable).
 FACTS = [
     (EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
      "The Eiffel Tower can be found in the city of", "The Louvre is located in the city of"),
