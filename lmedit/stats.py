@@ -252,9 +252,11 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
         if progress:
             progress("key statistics", count, total)
     for layer in todo:
-        C = sums[layer] / count
-        result[layer] = C
+        # Stored as float32; the fresh result is rounded the same way, so a first edit (computing C) and a
+        # later one (reading it back) are identical.
+        C = (sums[layer] / count).to(torch.float32)
+        result[layer] = C.to(torch.float64)
         if cache is not None:
-            _atomic_save({"C": C.to(torch.float32).cpu().contiguous()}, cache.path(lm, spec, layer),
+            _atomic_save({"C": C.cpu().contiguous()}, cache.path(lm, spec, layer),
                          {"count": str(count), "corpus": spec.corpus_id(), "model": lm.fingerprint})
     return result

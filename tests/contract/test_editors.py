@@ -1,0 +1,102 @@
+"""The contract every registered weight editor meets, checked on tiny random models.
+
+For each editor: the edit flips the top-1 next token to target_new's first token, computing it leaves
+the weights untouched, undo restores them bit-exactly, the config round-trips through YAML, and the
+same seed gives the same edit. Method-specific behaviour is tested beside each method (tests/unit/editors).
+
+Each editor needs an entry in TINY_CONFIGS: settings small enough for a 4-layer, 64-wide model. A newly
+registered editor without one fails `test_every_editor_has_a_tiny_config`, so none is left out silently.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import lmedit
+from lmedit.config import load_config, to_dict
+from lmedit.editors import get_editor
+from lmedit.registry import editors
+from lmedit.scoring import next_token_logprobs
+from lmedit.stats import StatsCache
+from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.tokens import target_ids
+
+# Subject at the end of the prompt: in a random 4-layer model little flows from earlier tokens to the last.
+REQUEST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
+CORPUS = "{corpus}"  # replaced by a file of tiny-tokenizer text (statistics for ROME-like methods)
+
+# Settings per editor for the tiny models. "{corpus}" in a value is replaced by the corpus file spec.
+TINY_CONFIGS: dict[str, dict] = {
+    "rome": {"layer": 1, "corpus": CORPUS, "corpus_tokens": 4000, "prefixes_short": 3, "prefixes_long": 2},
+}
+# Editors that change nothing by design (the harness's baseline) are exempt from the flip check.
+NOT_EDITING = {"noop"}
+
+
+def _config(method: str, tmp_path) -> dict:
+    corpus = tmp_path / "corpus.txt"
+    if not corpus.exists():
+        corpus.write_text("\n\n".join(_CORPUS * 40))
+    return {k: (f"file:{corpus}" if v == CORPUS else v) for k, v in TINY_CONFIGS[method].items()}
+
+
+def _editor(method: str, tmp_path):
+    editor = get_editor(method, _config(method, tmp_path))
+    if hasattr(editor, "cache"):
+        editor.cache = StatsCache(tmp_path / "stats")
+    return editor
+
+
+def _snapshot(lm):
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def _identical(lm, snap) -> bool:
+    return all(torch.equal(snap[k], v) for k, v in lm.model.state_dict().items())
+
+
+def _weight_editors() -> list[str]:
+    return [name for name in editors.names() if name not in NOT_EDITING]
+
+
+def test_every_editor_has_a_tiny_config():
+    missing = [name for name in _weight_editors() if name not in TINY_CONFIGS]
+    assert not missing, f"add tiny-model settings to TINY_CONFIGS for: {missing}"
+
+
+@pytest.mark.parametrize("method", sorted(TINY_CONFIGS))
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_edit_flips_top1_and_undo_is_exact(method, family, tmp_path):
+    lm = tiny_lm(family)
+    snap = _snapshot(lm)
+    new_first = target_ids(lm, REQUEST.target_new)[0]
+    before = next_token_logprobs(lm, [REQUEST.text])[0]
+    assert before.argmax().item() != new_first, "test request must not be the model's top-1 already"
+
+    result = _editor(method, tmp_path).edit(lm, [REQUEST])
+    assert _identical(lm, snap), f"{method}: edit() changed the weights before apply()"
+    with result.applied(lm):
+        after = next_token_logprobs(lm, [REQUEST.text])[0]
+        assert not _identical(lm, snap)
+    assert after.argmax().item() == new_first, f"{method}: top-1 after the edit is not target_new"
+    assert _identical(lm, snap), f"{method}: undo did not restore the weights bit-exactly"
+
+
+@pytest.mark.parametrize("method", sorted(TINY_CONFIGS))
+def test_config_round_trips_through_yaml(method, tmp_path):
+    editor = _editor(method, tmp_path)
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(to_dict(editor.config)))
+    assert load_config(type(editor.config), path) == editor.config
+
+
+@pytest.mark.parametrize("method", sorted(TINY_CONFIGS))
+def test_same_seed_same_edit(method, tmp_path):
+    lm = tiny_lm("llama")
+    first = _editor(method, tmp_path).edit(lm, [REQUEST])
+    second = _editor(method, tmp_path).edit(lm, [REQUEST])
+    assert set(first.deltas) == set(second.deltas)
+    for name in first.deltas:
+        assert torch.equal(first.deltas[name].full(), second.deltas[name].full()), f"{method}: {name} differs"
