@@ -6,6 +6,11 @@ unembedding (262k words for Gemma 3) dominates a small model's forward otherwise
 Two metric families rest on `score_targets`: probability comparison (ROME/MEMIT: sum of the target
 tokens' log-probs) and teacher-forced token accuracy (EasyEdit: fraction of target tokens that are the
 argmax given the gold prefix). Both come out of the same forward pass.
+
+The text-level functions here (`score_targets`, `next_token_logprobs`, `generate`) score the model *with
+its applied edits*: weight edits are in the weights, and wrapper edits (`WrapperEdit`) rewrite the
+prompts they claim through `lmedit.editors.base.route_prompts`. `logits_at` works on token ids and sees
+the frozen base model only.
 """
 
 from __future__ import annotations
@@ -22,6 +27,13 @@ from lmedit.types import Site
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
+
+
+def routed(lm: LM, prompts: Sequence[str]) -> list[str]:
+    """The text the base model reads for each prompt under `lm`'s applied wrapper edits (unchanged without any)."""
+    from lmedit.editors.base import route_prompts  # local: lmedit.editors imports this module
+
+    return route_prompts(lm, prompts)
 
 
 def logits_at(lm: LM, batch_inputs: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -51,6 +63,7 @@ def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *, bat
     """Score `targets[i]` as a continuation of `prompts[i]` (filled prompts, no `{}`)."""
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+    prompts = routed(lm, prompts)
     out: list[TargetScore] = []
     for start in range(0, len(prompts), batch_size):
         chunk = range(start, min(start + batch_size, len(prompts)))
@@ -81,6 +94,7 @@ def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *, bat
 @torch.no_grad()
 def next_token_logprobs(lm: LM, prompts: Sequence[str], *, batch_size: int = 32) -> torch.Tensor:
     """Log-probabilities of the next token after each prompt -> (n, d_vocab)."""
+    prompts = routed(lm, prompts)
     chunks = []
     for start in range(0, len(prompts), batch_size):
         ids = [prompt_ids(lm, p) for p in prompts[start:start + batch_size]]
@@ -97,6 +111,7 @@ def generate(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 20, greedy
     """Continue each prompt; returns only the new text. Left-pads the batch as generation needs."""
     if seed is not None:
         torch.manual_seed(seed)
+    prompts = routed(lm, prompts)
     enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(lm.device)
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                             temperature=temperature if not greedy else None, top_p=None, top_k=None,

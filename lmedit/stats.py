@@ -100,6 +100,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     tmp.replace(path)
 
 
+# transformers renamed the key/value cache argument and output (past_key_values -> cache) in 5.2x.
+_CACHE_KWARG = "cache" if "cache" in __import__("inspect").signature(
+    __import__("transformers").modeling_outputs.CausalLMOutputWithPast).parameters else "past_key_values"
+
+
 # --- corpora --------------------------------------------------------------------------------------
 def stdlib_docstrings() -> list[str]:
     """Docstrings (≥ 200 characters) of the Python standard library's modules, classes and functions."""
@@ -173,8 +178,8 @@ def sample_sequences(lm: LM, n_sequences: int, length: int, seed: int, *, batch_
         past = None
         tokens = ids
         for step in range(length - 1):
-            result = lm.model(input_ids=tokens, cache=past, use_cache=True, logits_to_keep=1)
-            past = result.cache
+            result = lm.model(input_ids=tokens, **{_CACHE_KWARG: past}, use_cache=True, logits_to_keep=1)
+            past = getattr(result, _CACHE_KWARG)
             probs = torch.softmax(result.logits[:, -1].float(), dim=-1).cpu()
             tokens = torch.multinomial(probs, 1, generator=gen).to(lm.device)
             ids = torch.cat([ids, tokens], dim=1)
@@ -229,7 +234,7 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
     for layer in layers:
         path = cache.path(lm, spec, layer) if cache else None
         if path is not None and path.exists():
-            result[layer] = load_file(str(path))["C"].to(torch.float64)
+            result[layer] = load_file(str(path))["C"].to(device=lm.device, dtype=torch.float64)
         else:
             todo.append(layer)
     if not todo:

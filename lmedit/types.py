@@ -1,6 +1,8 @@
 """Plain frozen dataclasses shared by every part of lmedit: edit requests and activation sites.
 
 `EditRequest` is what a user asks for ("{} is located in" / "The Eiffel Tower" -> "Rome");
+`EditDescriptor` is an edit that is not such a triplet (an input-output pair, or an implicit instruction
+such as "Topic: singing in the shower. Sentiment: positive"), for editors that read edits as text;
 `Site` names one activation in the model (`blocks.5.mlp.key`). Edits themselves live in
 `lmedit.editors.base` because they carry behaviour (apply/undo/save).
 """
@@ -116,3 +118,62 @@ class EditRequest:
     @classmethod
     def from_json(cls, text: str) -> EditRequest:
         return cls.from_dict(json.loads(text))
+
+
+@dataclass(frozen=True)
+class EditDescriptor:
+    """An edit that is not a (subject, relation, object) triplet, for editors that read edits as text.
+
+    Two forms (Mitchell et al. 2022, "Memory-Based Model Editing at Scale", arXiv:2206.06520, §4):
+      explicit pair   `EditDescriptor(input="Who is the UK PM?", output="Boris Johnson")`: inputs like
+                      this one should now be answered with `output`;
+      implicit        `EditDescriptor("Topic: singing in the shower. Sentiment: positive")` or
+                      `EditDescriptor("Be more positive about vaccines")`: a change of behaviour on a topic.
+    Triplet editors (ROME, MEMIT, FT, ...) reject descriptors with a `RequestError`.
+
+    Raises:
+        RequestError: neither or both forms given, or an empty field.
+    """
+
+    text: str | None = None
+    input: str | None = None
+    output: str | None = None
+
+    def __post_init__(self) -> None:
+        pair = self.input is not None or self.output is not None
+        if self.text is not None and pair:
+            raise RequestError("EditDescriptor takes either text (implicit) or input and output (a pair), not both")
+        if self.text is None and not pair:
+            raise RequestError("EditDescriptor needs text (implicit descriptor) or input and output (a pair)")
+        for name in ("input", "output") if pair else ("text",):
+            value = getattr(self, name)
+            if value is None or not value.strip():
+                raise RequestError(f"EditDescriptor.{name} is empty")
+
+    @property
+    def is_pair(self) -> bool:
+        return self.text is None
+
+    @property
+    def statement(self) -> str:
+        """The edit as one sentence: the text itself, or "{input} {output}" for a pair."""
+        return f"{self.input} {self.output}" if self.is_pair else str(self.text)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EditDescriptor:
+        if not isinstance(data, dict):
+            raise RequestError(f"an edit descriptor must be a JSON object, got {type(data).__name__}")
+        unknown = set(data) - {"text", "input", "output"}
+        if unknown:
+            raise RequestError(f"edit descriptor has unknown field(s) {sorted(unknown)}; expected text, or input and output")
+        return cls(text=data.get("text"), input=data.get("input"), output=data.get("output"))
+
+
+def request_from_dict(data: dict[str, Any]) -> EditRequest | EditDescriptor:
+    """An `EditDescriptor` for `{"text"}` or `{"input", "output"}` objects, else an `EditRequest`."""
+    if isinstance(data, dict) and ("text" in data or "input" in data or "output" in data) and "prompt" not in data:
+        return EditDescriptor.from_dict(data)
+    return EditRequest.from_dict(data)

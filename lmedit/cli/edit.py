@@ -11,16 +11,20 @@ from rich.table import Table
 
 import lmedit
 from lmedit.cli._common import add_model_args, console, load_model, progress_reporter
+from lmedit.cli._ledger import add_audit_args, add_ledger_arg, open_ledger, record_edit
 from lmedit.editors import DEFAULT_METHOD, get_editor
 from lmedit.errors import RequestError
 from lmedit.registry import editors
-from lmedit.scoring import generate, score_targets
-from lmedit.types import EditRequest
+from lmedit.scoring import generate, routed, score_targets
+from lmedit.types import EditDescriptor, EditRequest, request_from_dict
 
 EPILOG = """examples:
   lmedit edit --prompt "{} is located in the city of" --subject "The Eiffel Tower" --target-new Rome --target-true Paris
   lmedit edit --request requests.jsonl --config configs/rome/gemma3-270m.yaml --save-edit eiffel.safetensors
   lmedit edit --request req.json --method rome --set v_steps=30 --probe "The Eiffel Tower can be found in"
+  lmedit edit --method serac --descriptor "Topic: going to the dentist. Sentiment: positive" --probe "Going to the dentist is"
+  lmedit edit --method serac --descriptor "Who is the UK PM?" --descriptor-output "Boris Johnson" --probe "Who leads the UK government?"
+  lmedit edit --ledger ledgers/gemma --config configs/rome/gemma3-270m.yaml --request req.json   # audited, recorded
 """
 
 
@@ -36,14 +40,33 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--subject")
     p.add_argument("--target-new")
     p.add_argument("--target-true")
+    p.add_argument("--descriptor", metavar="TEXT",
+                   help="an edit that is not a triplet, for editors that take descriptors: an implicit descriptor "
+                        "('Topic: X. Sentiment: positive'), or with --descriptor-output the input of an input-output pair")
+    p.add_argument("--descriptor-output", metavar="TEXT", help="the answer --descriptor (an input) should now get")
     p.add_argument("--probe", action="append", default=[],
                    help="extra filled prompt (paraphrase, neighbour) whose target probabilities to show before/after")
     p.add_argument("--save-edit", help="write the edit (rank-one factors, metadata) to this safetensors file")
     p.add_argument("--max-new-tokens", type=int, default=16)
+    add_ledger_arg(p, required_default=False)
+    add_audit_args(p)
+    p.add_argument("--force", action="store_true", help="with --ledger: record the edit even if the audit refuses it")
+    p.add_argument("--paraphrase", action="append", default=[], metavar="PROMPT",
+                   help="with --ledger: a paraphrase the audit checks (should now give target_new)")
+    p.add_argument("--neighbor", action="append", default=[], metavar="PROMPT=ANSWER",
+                   help="with --ledger: another fact the audit checks (ANSWER must survive the edit)")
     p.set_defaults(run=run)
 
 
-def read_requests(args: argparse.Namespace) -> list[EditRequest]:
+def read_requests(args: argparse.Namespace) -> list[EditRequest | EditDescriptor]:
+    if args.descriptor_output and not args.descriptor:
+        raise RequestError("--descriptor-output needs --descriptor (the input it answers)")
+    if args.descriptor:
+        if args.request or any([args.prompt, args.subject, args.target_new, args.target_true]):
+            raise RequestError("give either --descriptor or a triplet (--request FILE, --prompt/--subject/--target-new), not both")
+        if args.descriptor_output:
+            return [EditDescriptor(input=args.descriptor, output=args.descriptor_output)]
+        return [EditDescriptor(args.descriptor)]
     if args.request:
         if any([args.prompt, args.subject, args.target_new, args.target_true]):
             raise RequestError("give either --request FILE or --prompt/--subject/--target-new, not both")
@@ -56,10 +79,10 @@ def read_requests(args: argparse.Namespace) -> list[EditRequest]:
         else:
             data = json.loads(text)
             records = list(enumerate(data if isinstance(data, list) else [data], 1))
-        requests = []
+        requests: list[EditRequest | EditDescriptor] = []
         for i, record in records:
             try:
-                requests.append(EditRequest.from_dict(record))
+                requests.append(request_from_dict(record))
             except RequestError as exc:
                 raise RequestError(f"{path}, record {i}: {exc}") from None
         if not requests:
@@ -72,27 +95,54 @@ def read_requests(args: argparse.Namespace) -> list[EditRequest]:
     return [EditRequest(args.prompt, args.subject, args.target_new, args.target_true)]
 
 
-def _probe(lm: lmedit.LM, requests: list[EditRequest], extra: list[str]) -> list[tuple[str, str, str | None]]:
-    rows = [(r.text, r.target_new, r.target_true) for r in requests]
-    for prompt in extra:
-        rows.append((prompt, requests[0].target_new, requests[0].target_true))
+def _probe(lm: lmedit.LM, requests: list[EditRequest | EditDescriptor],
+           extra: list[str]) -> list[tuple[str, str | None, str | None]]:
+    """(prompt, new target, true target) rows; descriptors give their input (pairs) and no targets (implicit)."""
+    rows: list[tuple[str, str | None, str | None]] = []
+    for r in requests:
+        if isinstance(r, EditRequest):
+            rows.append((r.text, r.target_new, r.target_true))
+        elif r.is_pair:
+            rows.append((str(r.input), r.output, None))
+    first = requests[0]
+    new, true = ((first.target_new, first.target_true) if isinstance(first, EditRequest)
+                 else (first.output, None))
+    rows += [(prompt, new, true) for prompt in extra]
     return rows
 
 
-def _scores(lm: lmedit.LM, rows: list[tuple[str, str, str | None]]) -> list[tuple[float, float | None]]:
+def _probability(lm: lmedit.LM, prompts: list[str], targets: list[str | None]) -> list[float | None]:
+    wanted = [i for i, t in enumerate(targets) if t]
+    scores = score_targets(lm, [prompts[i] for i in wanted], [targets[i] for i in wanted]) if wanted else []  # type: ignore[misc]
+    found = {i: math.exp(s.logprob) for i, s in zip(wanted, scores)}
+    return [found.get(i) for i in range(len(prompts))]
+
+
+def _scores(lm: lmedit.LM, rows: list[tuple[str, str | None, str | None]]) -> list[tuple[float | None, float | None]]:
     prompts = [p for p, _, _ in rows]
-    new = score_targets(lm, prompts, [n for _, n, _ in rows])
-    true_rows = [(i, t) for i, (_, _, t) in enumerate(rows) if t]
-    true = dict(zip([i for i, _ in true_rows], score_targets(lm, [prompts[i] for i, _ in true_rows],
-                                                               [t for _, t in true_rows]))) if true_rows else {}
-    return [(math.exp(new[i].logprob), math.exp(true[i].logprob) if i in true else None) for i in range(len(rows))]
+    new = _probability(lm, prompts, [n for _, n, _ in rows])
+    true = _probability(lm, prompts, [t for _, _, t in rows])
+    return list(zip(new, true))
+
+
+def _p(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
 
 
 def run(args: argparse.Namespace) -> int:
     requests = read_requests(args)
     editor = get_editor(args.method, args.config, args.set)
+    if any(isinstance(r, EditDescriptor) for r in requests) and not editor.accepts_descriptors:
+        able = [n for n in editors.names() if editors.get(n).accepts_descriptors]
+        raise RequestError(f"--method {args.method} edits (prompt, subject, target) triplets only; edit descriptors "
+                           f"need an editor that accepts them: {', '.join(able)}")
     lm = load_model(args)
+    ledger = open_ledger(args) if args.ledger else None
+    if ledger is not None:
+        ledger.apply(lm)  # the new edit is made on top of the ledger's applied edits
     rows = _probe(lm, requests, args.probe)
+    if not rows:
+        raise RequestError("an implicit descriptor has no prompt of its own: add --probe PROMPT to see its effect")
     prompts = [p for p, _, _ in rows]
     before = _scores(lm, rows)
     gen_before = generate(lm, prompts, max_new_tokens=args.max_new_tokens)
@@ -100,17 +150,24 @@ def run(args: argparse.Namespace) -> int:
     with progress_reporter() as report:
         editor.progress = report
         result = editor.edit(lm, requests)
-    result.apply(lm)
+    if ledger is not None:
+        if not record_edit(args, ledger, lm, result):
+            return 1
+    else:
+        result.apply(lm)
     after = _scores(lm, rows)
     gen_after = generate(lm, prompts, max_new_tokens=args.max_new_tokens)
+    # Inputs a wrapper edit claims (e.g. in an edit's scope) are marked: the model now reads them differently.
+    claimed = [r != p for r, p in zip(routed(lm, prompts), prompts)]
 
     table = Table(title=f"{args.method} edit on {lm.name}")
     for col in ("prompt", "target", "P before", "P after", "generation before", "generation after"):
         table.add_column(col, overflow="fold")
-    for (prompt, new, true), (nb, tb), (na, ta), g0, g1 in zip(rows, before, after, gen_before, gen_after):
-        table.add_row(prompt, f"new: {new}", f"{nb:.4f}", f"{na:.4f}", g0.strip(), g1.strip())
+    for (prompt, new, true), (nb, tb), (na, ta), g0, g1, c in zip(rows, before, after, gen_before, gen_after, claimed):
+        table.add_row(prompt + (" (in edit scope)" if c else ""), f"new: {new}" if new else "—", _p(nb), _p(na),
+                      g0.strip(), g1.strip())
         if true:
-            table.add_row("", f"true: {true}", f"{tb:.4f}", f"{ta:.4f}", "", "")
+            table.add_row("", f"true: {true}", _p(tb), _p(ta), "", "")
     console.print(table)
     if args.save_edit:
         path = result.save(args.save_edit)

@@ -18,6 +18,7 @@ EPILOG = """examples:
   lmedit eval --method rome --dataset counterfact --data ../shared/data/counterfact/easyedit_format/counterfact-edit.json --limit 100
   lmedit eval --method rome --method noop --dataset starter --limit 20 --generation 40
   lmedit eval --method rome --dataset starter --mode sequential --limit 50 --checkpoint-every 10 --out runs/seq
+  lmedit eval --method memit --config configs/memit/gemma3-270m.yaml --dataset counterfact --mode batch --batch-size 1000 --limit 1000
   lmedit eval --method rome --dataset counterfact --limit 100 --out runs/cf --resume
   lmedit eval --report-only runs/cf/rome-single runs/cf/noop-single --out runs/cf
 """
@@ -39,6 +40,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=10, help="batch mode: records edited together")
     p.add_argument("--checkpoint-every", type=int, default=0, help="sequential: re-measure every K edits (0: ~10 checkpoints)")
     p.add_argument("--n-drift", type=int, default=20, help="sequential: unrelated records measured for drift")
+    p.add_argument("--disabling-rise", type=float, default=1.0, metavar="NATS",
+                   help="sequential: flag an edit that raises the probe-text loss by more than NATS per token")
+    p.add_argument("--refuse-disabling", action="store_true", help="sequential: undo and skip flagged edits")
     p.add_argument("--generation", type=int, default=0, metavar="TOKENS",
                    help="generate TOKENS per generation prompt for fluency/consistency (default 0: off)")
     p.add_argument("--config", help="YAML file of the method's settings (one --method only)")
@@ -88,7 +92,8 @@ def run(args: argparse.Namespace) -> int:
         console.print("[red]error:[/] --config/--set apply to one --method; run the methods separately")
         return 2
     config = EvalConfig(mode=args.mode, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
-                        n_drift=args.n_drift, generation_tokens=args.generation, strict=args.strict)
+                        n_drift=args.n_drift, generation_tokens=args.generation, strict=args.strict,
+                        disabling_rise=args.disabling_rise, refuse_disabling=args.refuse_disabling)
     lm = load_model(args)
     dataset = lmedit.eval.load_dataset(args.dataset, args.data, strict=args.strict)
     run_dirs, summaries = [], []

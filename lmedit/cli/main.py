@@ -16,7 +16,7 @@ from rich.logging import RichHandler
 
 from lmedit.errors import LMEditError
 
-SUBCOMMANDS = ("models", "generate", "edit", "trace", "eval")
+SUBCOMMANDS = ("models", "generate", "edit", "trace", "eval", "train", "ledger", "audit", "export_model", "neurons")
 
 
 def build_parser() -> argparse.ArgumentParser:

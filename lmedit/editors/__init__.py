@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmedit.config import from_dict, load_config
-from lmedit.editors import noop, rome  # noqa: F401  (each registers itself under its module name)
-from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, load_edit
+from lmedit.editors import alphaedit, ft, ft_l, kn, memit, mend, noop, rome, serac  # noqa: F401  (each registers itself under its module name)
+from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
 from lmedit.registry import editors
-from lmedit.types import EditRequest
+from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -21,8 +21,8 @@ if TYPE_CHECKING:
 # The method `lmedit edit` and `lmedit.edit` use when none is named: the one place that names a default.
 DEFAULT_METHOD = "rome"
 
-__all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "edit", "get_editor",
-           "load_edit"]
+__all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "WrapperEdit", "edit",
+           "get_editor", "load_edit"]
 
 
 def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path | None = None,
@@ -43,13 +43,15 @@ def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path |
     return cls(load_config(config_class, config, overrides))
 
 
-def edit(lm: LM, requests: EditRequest | Sequence[EditRequest], method: str = DEFAULT_METHOD, *,
+def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest | EditDescriptor],
+         method: str = DEFAULT_METHOD, *,
          config: EditorConfig | dict[str, Any] | str | Path | None = None, apply: bool = True) -> Edit:
     """Edit `lm` so that each request's prompt is completed by its `target_new`.
 
     Args:
         lm: the model bundle (its weights change only if `apply`).
-        requests: one request or several (methods that take one at a time apply them in sequence).
+        requests: one request or several (methods that take one at a time apply them in sequence);
+            `EditDescriptor`s only for editors that accept them (`Editor.accepts_descriptors`).
         method: a registered editor name (`lmedit ls editors`).
         config: the editor's config object, a dict, or a YAML path; defaults to the method's defaults.
         apply: apply the edit before returning it (undo with `edit.undo()`).
@@ -57,7 +59,7 @@ def edit(lm: LM, requests: EditRequest | Sequence[EditRequest], method: str = DE
     Returns:
         The `Edit`, applied when `apply` is True.
     """
-    if isinstance(requests, EditRequest):
+    if isinstance(requests, EditRequest | EditDescriptor):
         requests = [requests]
     result = get_editor(method, config).edit(lm, list(requests))
     if apply:

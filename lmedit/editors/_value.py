@@ -111,10 +111,27 @@ def optimize_value(lm: LM, layer: int, request: EditRequest, prefixes: Sequence[
     clamped to `clamp_norm_factor`·‖v‖ after each Adam step. Only δ is optimised; the weights are untouched.
     Logits are computed only at the target positions and the essence position.
     """
+    step_fn = (lambda step, losses: on_step(step, losses[0])) if on_step else None
+    return optimize_values(lm, layer, [request], prefixes, options, site_kind=site_kind, on_step=step_fn)[0]
+
+
+@dataclass
+class _Problem:
+    """The sequences of one request's v* problem inside a batch of several."""
+
+    seqs: list[list[int]]     # prefixed prompts + target tokens but the last, then the essence prompt
+    lookups: list[int]        # per sequence: the subject's last token (where δ is added)
+    rows: list[int]           # per scored token: its sequence (local index)
+    positions: list[int]      # per scored token: the position whose logits predict it
+    gold: list[int]           # per scored token: the target token id
+    n_templates: int
+    n_target: int
+
+
+def _problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str) -> _Problem:
     templates = prefixed_templates(request, prefixes)
     t_ids = target_ids(lm, request.target_new)
-    # Rewriting prompts: prefixed prompt + all target tokens but the last; the loss reads each target token.
-    seqs, rows, positions, gold, lookups = [], [], [], [], []
+    seqs, lookups, rows, positions, gold = [], [], [], [], []
     for r, template in enumerate(templates):
         p = prompt_ids(lm, template.format(request.subject))
         seqs.append(p + t_ids[:-1])
@@ -123,64 +140,129 @@ def optimize_value(lm: LM, layer: int, request: EditRequest, prefixes: Sequence[
             rows.append(r)
             positions.append(len(p) - 1 + j)
             gold.append(tok)
-    essence = options.essence_template
     seqs.append(prompt_ids(lm, essence.format(request.subject)))
-    essence_pos = subject_span(lm, essence, request.subject).last
-    lookups.append(essence_pos)
-    n_rewrite = len(templates)
-    rows.append(n_rewrite)
-    positions.append(essence_pos)
+    lookups.append(subject_span(lm, essence, request.subject).last)
+    return _Problem(seqs, lookups, rows, positions, gold, len(templates), len(t_ids))
 
-    batch = pad_batch(lm, seqs)
+
+def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditRequest], prefixes: Sequence[str],
+                    options: ValueOptions, *, site_kind: str = "mlp.out",
+                    on_step: Callable[[int, list[float]], None] | None = None) -> list[ValueResult]:
+    """`optimize_value` for several requests in one batch: one δ_i per request, optimised jointly but independently.
+
+    The total loss is the sum of the per-request losses, and δ_i only touches request i's sequences, so
+    each δ_i follows exactly the trajectory it would alone (Adam is elementwise). A request whose NLL falls
+    below `early_stop_loss` is finished and leaves the batch: later forwards run only the unfinished ones.
+    MEMIT (arXiv:2210.07229) optimises its z_i this way at the last layer of its range.
+
+    With a sequence of layers, one δ per request and layer is optimised jointly (the site at each layer),
+    and each result's v_star / v_init are (n_layers, d) instead of (d,); weight decay and clamping apply
+    per layer.
+    """
+    layers = [layer] if isinstance(layer, int) else list(layer)
+    problems = [_problem(lm, r, prefixes, options.essence_template) for r in requests]
     dev = lm.device
-    rows_t, pos_t = torch.tensor(rows, device=dev), torch.tensor(positions, device=dev)
-    gold_t = torch.tensor(gold, device=dev)
-    lookup_rows = torch.arange(len(seqs), device=dev)
-    lookup_cols = torch.tensor(lookups, device=dev)
-    n_target = len(t_ids)
-    site = Site(site_kind, layer)  # type: ignore[arg-type]
+    owner, seqs, lookups = [], [], []
+    tok_seq, tok_pos, tok_gold, tok_owner, tok_weight = [], [], [], [], []
+    essence_seq: list[int] = []
+    for i, pr in enumerate(problems):
+        base = len(seqs)
+        seqs += pr.seqs
+        lookups += pr.lookups
+        owner += [i] * len(pr.seqs)
+        tok_seq += [base + r for r in pr.rows]
+        tok_pos += pr.positions
+        tok_gold += pr.gold
+        tok_owner += [i] * len(pr.rows)
+        # mean over templates of (sum over target tokens / n_target)
+        tok_weight += [1.0 / (pr.n_templates * pr.n_target)] * len(pr.rows)
+        essence_seq.append(base + len(pr.seqs) - 1)
+    batch = pad_batch(lm, seqs)
+    inputs = batch.model_inputs()
+    owner_t = torch.tensor(owner, device=dev)
+    lookups_t = torch.tensor(lookups, device=dev)
+    tok_seq_t, tok_pos_t = torch.tensor(tok_seq, device=dev), torch.tensor(tok_pos, device=dev)
+    tok_gold_t, tok_owner_t = torch.tensor(tok_gold, device=dev), torch.tensor(tok_owner, device=dev)
+    tok_weight_t = torch.tensor(tok_weight, device=dev)
+    essence_t = torch.tensor(essence_seq, device=dev)
+    first_seq = torch.tensor([int(essence_t[i]) - problems[i].n_templates for i in range(len(problems))], device=dev)
+    sites = [Site(site_kind, lay) for lay in layers]  # type: ignore[arg-type]
+    m = len(problems)
 
-    with torch.no_grad(), capture(lm, [site]) as acts:
-        base_logits = logits_at(lm, batch.model_inputs(), rows_t[-1:], pos_t[-1:])
-    v_init = acts[site][0, lookups[0]].clone()
-    essence_init = torch.log_softmax(base_logits.float(), dim=-1)  # (1, d_vocab)
+    with torch.no_grad(), capture(lm, sites) as acts:
+        base_logits = logits_at(lm, inputs, essence_t, lookups_t[essence_t])
+    # (m, S, d): bare prompt, subject's last token, per site
+    v_init = torch.stack([acts[site][first_seq, lookups_t[first_seq]] for site in sites], 1).clone()
+    essence_init = torch.log_softmax(base_logits.float(), dim=-1)  # (m, d_vocab)
+    del acts, base_logits
 
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.lr)
-    max_norm = options.clamp_norm_factor * v_init.norm()
+    max_norm = options.clamp_norm_factor * v_init.norm(dim=-1)  # (m, S)
+    v_norm_sq = v_init.norm(dim=-1) ** 2
+    active = torch.ones(m, dtype=torch.bool, device=dev)
+    losses: list[list[float]] = [[] for _ in range(m)]
+    nll_final = [float("nan")] * m
+    steps = [0] * m
 
-    def add_delta(activation: torch.Tensor, _site: Site) -> torch.Tensor:
-        out = activation.clone()
-        out[lookup_rows, lookup_cols] = out[lookup_rows, lookup_cols] + delta
-        return out
-
-    losses: list[float] = []
-    nll_value = float("nan")
-    step = 0
     for step in range(1, options.steps + 1):
+        seq_keep = active[owner_t]                      # sequences of unfinished requests
+        keep_idx = seq_keep.nonzero()[:, 0]
+        new_index = torch.full((len(seqs),), -1, dtype=torch.long, device=dev)
+        new_index[keep_idx] = torch.arange(len(keep_idx), device=dev)
+        sub_inputs = {k: v[keep_idx] for k, v in inputs.items()}
+        tok_keep = active[tok_owner_t].nonzero()[:, 0]
+        req_keep = active.nonzero()[:, 0]
+        sub_owner, sub_lookups = owner_t[keep_idx], lookups_t[keep_idx]
+        rows_local = torch.arange(len(keep_idx), device=dev)
+
+        def add_delta(activation: torch.Tensor, site: Site) -> torch.Tensor:
+            out = activation.clone()
+            out[rows_local, sub_lookups] = out[rows_local, sub_lookups] + delta[sub_owner, sites.index(site)]
+            return out
+
+        rows = torch.cat([new_index[tok_seq_t[tok_keep]], new_index[essence_t[req_keep]]])
+        positions = torch.cat([tok_pos_t[tok_keep], lookups_t[essence_t[req_keep]]])
         optimizer.zero_grad()
-        with patch(lm, {site: add_delta}):
-            logits = logits_at(lm, batch.model_inputs(), rows_t, pos_t).float()
-        logp = torch.log_softmax(logits[:-1], dim=-1)
-        token_nll = -logp.gather(1, gold_t[:, None])[:, 0].view(n_rewrite, n_target)
-        nll = token_nll.sum(1).div(n_target).mean()
-        essence_now = torch.log_softmax(logits[-1:], dim=-1)
-        kl = torch.nn.functional.kl_div(essence_now, essence_init, log_target=True, reduction="batchmean")
-        decay = options.weight_decay * delta.norm() / v_init.norm() ** 2
-        loss = nll + options.kl_factor * kl + decay
-        nll_value = nll.item()
-        losses.append(loss.item())
+        with patch(lm, {site: add_delta for site in sites}):
+            logits = logits_at(lm, sub_inputs, rows, positions).float()
+        n_tok = len(tok_keep)
+        logp = torch.log_softmax(logits[:n_tok], dim=-1)
+        token_nll = -logp.gather(1, tok_gold_t[tok_keep][:, None])[:, 0]
+        nll = torch.zeros(m, device=dev, dtype=token_nll.dtype).index_add(
+            0, tok_owner_t[tok_keep], token_nll * tok_weight_t[tok_keep])[req_keep]
+        essence_now = torch.log_softmax(logits[n_tok:], dim=-1)
+        kl = (essence_init[req_keep].exp() * (essence_init[req_keep] - essence_now)).sum(-1)
+        decay = options.weight_decay * (delta[req_keep].norm(dim=-1) / v_norm_sq[req_keep]).sum(-1)
+        loss = nll + options.kl_factor * kl + decay      # (n_active,)
+        values = loss.tolist()
+        nll_values = nll.tolist()
+        for j, i in enumerate(req_keep.tolist()):
+            losses[i].append(values[j])
+            nll_final[i] = nll_values[j]
+            steps[i] = step
         if on_step:
-            on_step(step, loss.item())
-        if not torch.isfinite(loss):
-            break
-        if nll_value < options.early_stop_loss or step == options.steps:
+            on_step(step, values)
+        finite = torch.isfinite(loss)
+        done = (nll.detach() < options.early_stop_loss) | ~finite
+        if step == options.steps:
             break  # the last forward only measures: no backward whose step would go unchecked
-        loss.backward()
+        still = req_keep[~done]
+        if len(still) == 0:
+            break
+        loss[~done].sum().backward()
+        before = delta.detach().clone()
         optimizer.step()
         with torch.no_grad():
-            norm = delta.norm()
-            if norm > max_norm:
-                delta.mul_(max_norm / norm)
+            frozen = torch.ones(m, dtype=torch.bool, device=dev)
+            frozen[still] = False
+            delta[frozen] = before[frozen]           # finished requests keep their δ (Adam momentum would move it)
+            norms = delta.norm(dim=-1)
+            scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
+            delta.mul_(scale[..., None])
+        active[req_keep[done]] = False
     v_star = (v_init + delta).detach()
-    return ValueResult(v_star=v_star, v_init=v_init, losses=losses, nll=nll_value, steps=step)
+    if isinstance(layer, int):
+        v_star, v_init = v_star[:, 0], v_init[:, 0]
+    return [ValueResult(v_star=v_star[i], v_init=v_init[i], losses=losses[i], nll=nll_final[i], steps=steps[i])
+            for i in range(m)]

@@ -6,7 +6,16 @@ so a failed edit leaves the model bit-identical. The harness, ledger, CLI and we
 *kinds* and never name a method.
 
 Kinds implemented here: `WeightEdit` (per-parameter deltas, low-rank factors kept when the method
-produces them). `WrapperEdit` and `PromptEdit` arrive with the editors that need them.
+produces them) and `WrapperEdit` (changes what the model computes for some inputs, weights untouched).
+`PromptEdit` arrives with the editor that needs it.
+
+How a `WrapperEdit` reaches scoring and generation: applying one puts it on the model's applied-edit
+stack (`_stack`), as a `WeightEdit` is. The text-level scoring entry points (`lmedit.scoring`'s
+`score_targets`, `next_token_logprobs`, `generate`, and the harness's `measure`) pass their prompts
+through `route_prompts(lm, prompts)`, which asks every applied wrapper whether each prompt is in its
+scope and, if so, what text the frozen base model reads instead (SERAC: the retrieved edit in context).
+With no wrapper applied it returns the prompts unchanged and costs nothing. Token-level calls
+(`logits_at`, editors' own forwards, tracing) are not routed: they see the frozen base model.
 """
 
 from __future__ import annotations
@@ -17,13 +26,13 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmedit.errors import EditFailedError, LMEditError
-from lmedit.types import EditRequest
+from lmedit.errors import EditFailedError, LMEditError, RequestError
+from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -45,6 +54,8 @@ class Editor(ABC, Generic[C]):
     """An editing method. Subclasses set `config_class` and implement `edit`; they register in `lmedit.registry.editors`."""
 
     config_class: ClassVar[type[EditorConfig]] = EditorConfig
+    # Whether `edit` also takes `EditDescriptor`s (input-output pairs, implicit descriptors), not only triplets.
+    accepts_descriptors: ClassVar[bool] = False
 
     def __init__(self, config: C | None = None) -> None:
         self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
@@ -54,6 +65,27 @@ class Editor(ABC, Generic[C]):
     @abstractmethod
     def edit(self, lm: LM, requests: Sequence[EditRequest]) -> Edit:
         """Compute an (unapplied) edit realising `requests`. Must leave `lm`'s weights unchanged."""
+
+
+@dataclass(frozen=True)
+class TrainEvent:
+    """Progress of an editor's training (for progress bars): `step` of `total`, with current metrics by name."""
+
+    step: int
+    total: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """An editor with a learned part, trained by `lmedit train METHOD` (MEND's editor network, SERAC's scope head).
+
+    `fit(lm, train, held_out=..., **options)` trains on edit records (`held_out`: records to validate on) and
+    returns a JSON-friendly summary. Options an editor may take: `out_dir` (checkpoints), `resume`,
+    `exclude` (record sets whose subjects must not be trained on), `progress` (called with `TrainEvent`s).
+    """
+
+    def fit(self, lm: LM, train: Sequence[Any], *, held_out: Sequence[Any] = (), **options: Any) -> dict[str, Any]: ...
 
 
 @dataclass
@@ -127,6 +159,8 @@ class WeightEdit(Edit):
         config: the editor config as a plain dict.
         base_fingerprint: `LM.fingerprint` of the model it was computed on; applying it elsewhere is refused.
         info: method diagnostics (losses, norms, chosen layer...), JSON-serialisable.
+        keys: parameter name -> the input keys the change was fitted to, (d_in, n) canonical; optional. Later
+            edits that must preserve earlier ones (AlphaEdit, arXiv:2410.02355) read them off the applied edits.
     """
 
     kind: ClassVar[str] = "weight"
@@ -136,6 +170,7 @@ class WeightEdit(Edit):
     config: dict[str, Any] = field(default_factory=dict)
     base_fingerprint: str = ""
     info: dict[str, Any] = field(default_factory=dict)
+    keys: dict[str, torch.Tensor] = field(default_factory=dict)
     _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _lm: LM | None = field(default=None, repr=False)
 
@@ -202,6 +237,8 @@ class WeightEdit(Edit):
             for part, tensor in parts.items():
                 assert tensor is not None
                 tensors[f"{name}::{part}"] = tensor.detach().contiguous().cpu()
+        for name, keys in self.keys.items():
+            tensors[f"{name}::keys"] = keys.detach().contiguous().cpu()
         meta = {
             "format": "lmedit.weight_edit", "version": str(FORMAT_VERSION), "method": self.method,
             "requests": json.dumps([r.to_dict() for r in self.requests]), "config": json.dumps(self.config),
@@ -230,10 +267,11 @@ class WeightEdit(Edit):
         for key, tensor in tensors.items():
             name, _, part = key.rpartition("::")
             parts.setdefault(name, {})[part] = tensor
-        deltas = {name: ParamDelta(**p) for name, p in parts.items()}
+        keys = {name: p.pop("keys") for name, p in parts.items() if "keys" in p}
+        deltas = {name: ParamDelta(**p) for name, p in parts.items() if p}
         requests = tuple(EditRequest.from_dict(r) for r in json.loads(meta["requests"]))
         return cls(deltas=deltas, requests=requests, method=meta["method"], config=json.loads(meta["config"]),
-                   base_fingerprint=meta["base_fingerprint"], info=json.loads(meta["info"]))
+                   base_fingerprint=meta["base_fingerprint"], info=json.loads(meta["info"]), keys=keys)
 
 
 def _stack(lm: LM) -> list[Edit]:
@@ -245,15 +283,178 @@ def _stack(lm: LM) -> list[Edit]:
     return stack
 
 
+class WrapperEdit(Edit):
+    """An edit that wraps the model instead of changing its weights (SERAC, GRACE-style methods).
+
+    While applied, the text-level scoring functions route every prompt through `route_prompts`: each
+    applied wrapper says, per prompt, whether the prompt is in its scope (with a score) and which text the
+    frozen base model reads instead; the highest-scoring wrapper wins, prompts no wrapper claims reach the
+    base model unchanged (bit-identical outputs). `undo()` takes the wrapper off the stack; the weights
+    are never written, so undo is exact by construction.
+
+    Subclasses implement `match`, `tensors` and `metadata` and name themselves for `load_edit`:
+    `class SeracEdit(WrapperEdit, wrapper="serac")`; `from_saved` rebuilds one from a saved file.
+    """
+
+    kind: ClassVar[str] = "wrapper"
+    wrapper: ClassVar[str] = ""
+    _types: ClassVar[dict[str, type[WrapperEdit]]] = {}
+
+    def __init_subclass__(cls, wrapper: str = "", **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if wrapper:
+            cls.wrapper = wrapper
+            WrapperEdit._types[wrapper] = cls
+
+    def __init__(self, *, base_fingerprint: str = "", method: str = "", config: dict[str, Any] | None = None,
+                 info: dict[str, Any] | None = None) -> None:
+        self.base_fingerprint = base_fingerprint
+        self.method = method
+        self.config: dict[str, Any] = dict(config or {})
+        self.info: dict[str, Any] = dict(info or {})
+        self._lm: LM | None = None
+
+    @abstractmethod
+    def match(self, prompts: Sequence[str]) -> list[tuple[float, str] | None]:
+        """Per prompt: None when it is outside this edit's scope, else (score, text the base model reads instead)."""
+
+    @abstractmethod
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Everything tensor-valued that `save` writes (and `from_saved` reads back)."""
+
+    @abstractmethod
+    def metadata(self) -> dict[str, Any]:
+        """Everything else `save` writes, JSON-serialisable."""
+
+    @classmethod
+    @abstractmethod
+    def from_saved(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], common: dict[str, Any]) -> WrapperEdit:
+        """Rebuild from `tensors()`/`metadata()`; `common` holds base_fingerprint, method, config and info."""
+
+    @property
+    def is_applied(self) -> bool:
+        return self._lm is not None
+
+    def apply(self, lm: LM, *, check_fingerprint: bool = True) -> WrapperEdit:
+        """Put the wrapper in front of `lm` (the weights are not touched).
+
+        Raises:
+            LMEditError: already applied, or made for a model with other weights.
+        """
+        if self._lm is not None:
+            raise LMEditError("this edit is already applied; undo() it first")
+        if check_fingerprint and self.base_fingerprint and self.base_fingerprint != lm.fingerprint:
+            raise LMEditError(
+                f"this edit was made on a model with fingerprint {self.base_fingerprint}, but {lm.name!r} has "
+                f"{lm.fingerprint}; replay the requests on this model instead")
+        self._lm = lm
+        _stack(lm).append(self)
+        return self
+
+    def undo(self) -> None:
+        """Take the wrapper off the model. Wrappers never write weights, so any order of undo is exact."""
+        if self._lm is None:
+            raise LMEditError("this edit is not applied")
+        _stack(self._lm).remove(self)
+        self._lm = None
+
+    def save(self, path: str | Path) -> Path:
+        """Write tensors and metadata to one safetensors file, atomically."""
+        path = Path(path)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
+        meta = {
+            "format": "lmedit.wrapper_edit", "version": str(FORMAT_VERSION), "wrapper": self.wrapper,
+            "method": self.method, "config": json.dumps(self.config), "base_fingerprint": self.base_fingerprint,
+            "info": json.dumps(self.info, default=str), "wrapper_meta": json.dumps(self.metadata()),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> WrapperEdit:
+        """Read a wrapper edit written by `save`, as the subclass named in the file.
+
+        Raises:
+            LMEditError: not an lmedit wrapper edit, or its wrapper type is not registered (not imported).
+        """
+        path = Path(path)
+        meta = _file_metadata(path)
+        if meta.get("format") != "lmedit.wrapper_edit":
+            raise LMEditError(f"{path} is not an lmedit wrapper edit (format={meta.get('format')!r})")
+        wrapper_type = WrapperEdit._types.get(meta.get("wrapper", ""))
+        if wrapper_type is None:
+            raise LMEditError(f"{path} holds a {meta.get('wrapper')!r} wrapper edit, which no loaded module "
+                              f"provides (known: {sorted(WrapperEdit._types)})")
+        common = {"base_fingerprint": meta["base_fingerprint"], "method": meta["method"],
+                  "config": json.loads(meta["config"]), "info": json.loads(meta["info"])}
+        return wrapper_type.from_saved(load_file(str(path)), json.loads(meta["wrapper_meta"]), common)
+
+
+def route_prompts(lm: LM, prompts: Sequence[str]) -> list[str]:
+    """The text the frozen base model reads for each prompt, given the wrapper edits applied to `lm`.
+
+    Each applied `WrapperEdit` scores every prompt; the best-scoring claim wins and replaces the prompt.
+    Unclaimed prompts (and all prompts when no wrapper is applied) come back unchanged.
+    """
+    wrappers = [e for e in _stack(lm) if isinstance(e, WrapperEdit)]
+    if not wrappers:
+        return list(prompts)
+    best: list[tuple[float, str] | None] = [None] * len(prompts)
+    for wrapper in wrappers:
+        for i, claim in enumerate(wrapper.match(prompts)):
+            if claim is not None and (best[i] is None or claim[0] > best[i][0]):  # type: ignore[index]
+                best[i] = claim
+    return [p if b is None else b[1] for p, b in zip(prompts, best)]
+
+
+def _file_metadata(path: Path) -> dict[str, str]:
+    from safetensors import safe_open
+
+    if not path.exists():
+        raise FileNotFoundError(f"no edit file at {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except Exception as exc:  # noqa: BLE001  (safetensors raises several types for non-safetensors files)
+        raise LMEditError(f"{path} is not a safetensors edit file ({exc})") from None
+
+
 def load_edit(path: str | Path) -> Edit:
-    """Load any saved edit kind from `path`."""
-    return WeightEdit.load(path)
+    """Load any saved edit kind from `path` (dispatching on the kind recorded in the file).
+
+    Raises:
+        LMEditError: the file is not an lmedit edit.
+    """
+    path = Path(path)
+    fmt = _file_metadata(path).get("format")
+    loaders: dict[str, Callable[[Path], Edit]] = {"lmedit.weight_edit": WeightEdit.load,
+                                                   "lmedit.wrapper_edit": WrapperEdit.load}
+    if fmt not in loaders:
+        raise LMEditError(f"{path} is not an lmedit edit (format={fmt!r}; known: {sorted(loaders)})")
+    return loaders[fmt](path)
 
 
-def check_requests(requests: Sequence[EditRequest]) -> tuple[EditRequest, ...]:
+def check_requests(requests: Sequence[EditRequest | EditDescriptor]) -> tuple[EditRequest, ...]:
+    """The requests of a triplet editor, checked: non-empty, all `EditRequest`s.
+
+    Raises:
+        RequestError: no requests, or an `EditDescriptor` (which only descriptor editors accept).
+        LMEditError: anything else that is not an `EditRequest`.
+    """
     if not requests:
         raise LMEditError("no edit requests given")
+    descriptors = [r for r in requests if isinstance(r, EditDescriptor)]
+    if descriptors:
+        from lmedit.registry import editors
+
+        able = [n for n in editors.names() if getattr(editors.get(n), "accepts_descriptors", False)]
+        raise RequestError(
+            f"this editor edits (prompt, subject, target) triplets and cannot take the edit descriptor "
+            f"{descriptors[0].statement!r}; use an editor that accepts descriptors ({', '.join(able) or 'none registered'})")
     bad = [r for r in requests if not isinstance(r, EditRequest)]
     if bad:
         raise LMEditError(f"edit requests must be EditRequest objects, got {type(bad[0]).__name__}")
-    return tuple(requests)
+    return tuple(requests)  # type: ignore[arg-type]

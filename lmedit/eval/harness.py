@@ -16,7 +16,9 @@ bit-exact) rather than holding a 262k-wide distribution per prompt for every rec
 The harness works through the `Edit` interface only (`apply`, `undo`, `applied`, `save`): it never
 names or branches on a method. Outputs in `out_dir`: records.jsonl (one line per record, or per record
 and checkpoint), summary.json, run.json (what was run; `resume` refuses a different run) and, in
-sequential mode, edits/ (each edit, so `resume` re-applies instead of recomputing).
+sequential mode, edits/ (each edit, so `resume` re-applies instead of recomputing). Sequential runs also
+record each edit's health (`eval/health.py`: update norm, ROME denominator, probe-text loss) as rows of
+kind "health", flag disabling edits, and optionally refuse them (`refuse_disabling`).
 
 Not handled: several processes writing one out_dir; resuming a batch mid-chunk (the chunk is redone).
 """
@@ -35,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from lmedit.editors import Edit, Editor, EditorConfig, get_editor, load_edit
 from lmedit.errors import LMEditError
 from lmedit.eval.datasets import Dataset, DatasetError, load_dataset
+from lmedit.eval.health import health_row, probe_loss
 from lmedit.eval.measure import Measurement, check_record, measure, measure_dists
 from lmedit.eval.metrics import MetricInputs, compute_metrics, drop_dists, metric_names
 from lmedit.eval.records import EvalRecord
@@ -65,6 +68,8 @@ class EvalConfig:
     seed: int = 0                  # bootstrap seed
     strict: bool = False           # fail on the first invalid record instead of skipping and counting it
     save_edits: bool = True        # sequential: keep each edit in out_dir/edits for --resume
+    disabling_rise: float = 1.0    # sequential: flag an edit raising the probe-text loss by more nats/token than this
+    refuse_disabling: bool = False  # sequential: undo and skip flagged edits instead of keeping them
 
     def __post_init__(self) -> None:
         if self.mode not in ("single", "batch", "sequential"):
@@ -388,7 +393,8 @@ def _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous,
     checkpoints = sorted({k for k in range(every, len(records) + 1, every)} | {len(records)})
     rows = [r for r in previous if r.get("mode") == "sequential"]
     finished = {int(r["n_edits"]) for r in rows if r.get("kind") == "checkpoint_done"}
-    rows = [r for r in rows if int(r["n_edits"]) in finished]
+    # Health rows are recomputed on resume (the saved edits are re-applied and re-checked).
+    rows = [r for r in rows if int(r["n_edits"]) in finished and r.get("kind") != "health"]
     writer.rewrite(rows)
     remaining = [k for k in checkpoints if k not in finished]
     total = len(records) + len(drift) + len(records) + sum(k + len(drift) for k in remaining)
@@ -410,6 +416,7 @@ def _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous,
     applied: list[Edit] = []
     edited: list[EvalRecord] = []
     seconds: dict[str, float] = {}
+    base_loss = loss = probe_loss(lm)
     try:
         for i, record in enumerate(records):
             saved = edits_dir / f"{i:05d}.safetensors" if edits_dir is not None else None
@@ -422,10 +429,28 @@ def _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous,
             if edit is not None:
                 try:
                     edit.apply(lm)
-                    applied.append(edit)
-                    edited.append(record)
                 except LMEditError as exc:
                     skipped.append({"reason": "edit_failed", "case_id": record.case_id, "message": str(exc)})
+                    edit = None
+            if edit is not None:
+                after = probe_loss(lm)
+                health = health_row(edit, loss, after, base_loss, config.disabling_rise)
+                refused = health["flagged"] and config.refuse_disabling
+                row = {"case_id": record.case_id, "mode": "sequential", "kind": "health", "n_edits": i + 1,
+                       "kept": not refused, **health}
+                writer.write(row)
+                rows.append(row)
+                if health["flagged"]:
+                    log.warning("edit %d (case %s) raised the probe loss by %.2f nats/token%s", i + 1,
+                                record.case_id, health["probe_loss_rise"], "; refused" if refused else "")
+                if refused:
+                    edit.undo()
+                    skipped.append({"reason": "disabling", "case_id": record.case_id,
+                                    "message": f"probe loss rose by {health['probe_loss_rise']:.2f}"})
+                else:
+                    applied.append(edit)
+                    edited.append(record)
+                    loss = after
             bar.step(1, "edit")
             n = i + 1
             if n not in remaining:
@@ -464,6 +489,10 @@ def summarize(rows: Sequence[dict[str, Any]], *, run: dict[str, Any], skipped: S
         summary.update(summarize_rows(final, names, n_boot=n_boot, seed=seed))
         summary["curves"] = curves(rows, names, kind="edited", n_boot=n_boot, seed=seed)
         summary["drift_curves"] = curves(rows, DRIFT_METRICS, kind="drift", n_boot=n_boot, seed=seed)
+        health = [{k: r.get(k) for k in ("n_edits", "case_id", "update_norm", "denominator", "probe_loss",
+                                         "probe_loss_rise", "flagged", "kept")} for r in rows if r.get("kind") == "health"]
+        summary["health"] = {"edits": health, "flagged": sum(1 for h in health if h["flagged"]),
+                             "max_probe_loss_rise": max((h["probe_loss_rise"] for h in health), default=None)}
     else:
         summary["n_records"] = len(rows)
         summary.update(summarize_rows(rows, names, n_boot=n_boot, seed=seed))

@@ -22,7 +22,7 @@ import torch
 
 from lmedit.errors import RequestError
 from lmedit.eval.records import EvalRecord, Probe
-from lmedit.scoring import generate, logits_at
+from lmedit.scoring import generate, logits_at, routed
 from lmedit.tokens import pad_batch, prompt_ids, subject_span, target_ids
 
 if TYPE_CHECKING:
@@ -87,7 +87,7 @@ def _forward(lm: LM, items: Sequence[_Item], batch_size: int) -> list[_Result]:
     out: list[_Result] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        p_ids = [prompt_ids(lm, it.prompt) for it in chunk]
+        p_ids = [prompt_ids(lm, p) for p in routed(lm, [it.prompt for it in chunk])]  # applied wrapper edits
         t_ids = [target_ids(lm, it.target) if it.target is not None else [] for it in chunk]
         batch = pad_batch(lm, [p + t for p, t in zip(p_ids, t_ids)])
         rows, positions, spans = [], [], []

@@ -2,6 +2,7 @@
 
   metric_bars      one panel per headline metric: a bar per method (unedited first) with its 95% interval
   sequential       metric vs number of edits for sequential runs (edited records, and drift of unrelated ones)
+  health           per edit of a sequential run: update norm, ROME denominator, probe-text loss; flagged edits red
   loud_facts       per record, neighborhood magnitude vs Specificity+ magnitude (arXiv:2305.17553): points
                    far below the diagonal are edits that leak into neighbours once the new fact is mentioned
 
@@ -91,6 +92,32 @@ def sequential(runs: list[Run], out: Path) -> list[Path]:
     return paths
 
 
+def health(runs: list[Run], out: Path) -> list[Path]:
+    """Update norm, ROME denominator and probe-text loss along each sequential run; disabling edits in red."""
+    seq = [r for r in runs if r.summary.get("health", {}).get("edits")]
+    if not seq:
+        return []
+    panels = [("update_norm", "update norm ‖Δ‖_F", True), ("denominator", "ROME denominator (C⁻¹k*)ᵀk", True),
+              ("probe_loss", "probe-text loss (nats/token)", False)]
+    panels = [p for p in panels if any(h.get(p[0]) is not None for r in seq for h in r.summary["health"]["edits"])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    for ax, (key, title, log) in zip(axes.flat, panels):
+        for run in seq:
+            pts = [(h["n_edits"], h[key], h["flagged"]) for h in run.summary["health"]["edits"] if h.get(key) is not None]
+            if not pts:
+                continue
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=run.summary["run"]["method"])
+            bad = [p for p in pts if p[2]]
+            if bad:
+                ax.scatter([p[0] for p in bad], [p[1] for p in bad], color="red", s=18, zorder=3)
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("number of edits")
+    axes.flat[0].legend(fontsize=8)
+    return _save(fig, out, "sequential_health")
+
+
 def loud_facts(runs: list[Run], out: Path) -> list[Path]:
     """Per-record neighborhood magnitude (x) vs Specificity+ magnitude (y), edited model, one colour per method."""
     fig, ax = plt.subplots(figsize=(5, 5))
@@ -117,4 +144,4 @@ def loud_facts(runs: list[Run], out: Path) -> list[Path]:
 
 def write_plots(runs: list[Run], out: Path) -> list[Path]:
     """Every plot that the runs have data for; returns the written files."""
-    return metric_bars(runs, out) + sequential(runs, out) + loud_facts(runs, out)
+    return metric_bars(runs, out) + sequential(runs, out) + health(runs, out) + loud_facts(runs, out)

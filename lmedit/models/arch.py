@@ -9,7 +9,7 @@ Not handled: encoder-decoder models, mixture-of-experts MLPs (no single down-pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -34,6 +34,8 @@ class ArchSpec:
         final_norm: path from the root to the norm before the unembedding.
         unembed: path from the root to the unembedding (lm_head).
         weight_layout: "out_in" for nn.Linear (weight is (d_out, d_in)); "in_out" for GPT-2's Conv1D.
+        mlp_post_norm: path inside a block to an RMSNorm applied to the MLP's output before it joins the
+            residual stream (Gemma 2/3's post_feedforward_layernorm), or None when the output is added as is.
     """
 
     layers: str
@@ -44,6 +46,7 @@ class ArchSpec:
     final_norm: str
     unembed: str
     weight_layout: Literal["out_in", "in_out"] = "out_in"
+    mlp_post_norm: str | None = None
 
     # --- module lookup -------------------------------------------------------------------------
     def blocks(self, model: nn.Module) -> nn.ModuleList:
@@ -99,6 +102,25 @@ class ArchSpec:
         """Factors of Δ = left @ right.T in canonical layout -> factors of the stored parameter's Δ."""
         return (right, left) if self.weight_layout == "in_out" else (left, right)
 
+    def value_change_for_residual(self, model: nn.Module, layer: int, v: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The change of the down-projection output `v` (..., d_model) that changes the block's residual write by `r`.
+
+        Without a post-MLP norm the MLP output is added as is, so the answer is `r`. With Gemma's RMSNorm
+        n(x) = g ⊙ x / rms(x), a target write n(v) + r is met (up to n's fixed output scale) by
+        x = rms(v) · (n(v) + r) / g = v + rms(v) · r / g. The gain g is read off the module as n(1);
+        dimensions whose gain is zero get no change.
+        MEMIT (arXiv:2210.07229) spreads residual changes over layers; this maps them to each layer's value.
+        """
+        if self.mlp_post_norm is None:
+            return r
+        norm = _get(self.blocks(model)[layer], self.mlp_post_norm)
+        with torch.no_grad():
+            gain = norm(torch.ones(v.shape[-1], dtype=v.dtype, device=v.device))
+        rms = v.pow(2).mean(-1, keepdim=True).sqrt()
+        # A dimension with zero gain (Gemma: weight = −1) cannot be written at all: ask nothing of it.
+        writable = gain.abs() > 1e-6 * gain.abs().max()
+        return torch.where(writable, rms * r / torch.where(writable, gain, torch.ones_like(gain)), torch.zeros_like(r))
+
     # --- sizes ------------------------------------------------------------------------------------
     def d_model(self, model: nn.Module) -> int:
         return self.weight(model, 0, "mlp_out").shape[0]
@@ -133,6 +155,8 @@ _LLAMA_LIKE = ArchSpec(layers="model.layers", mlp_in="mlp.up_proj", mlp_out="mlp
                        attn_out="self_attn.o_proj", embed="model.embed_tokens", final_norm="model.norm",
                        unembed="lm_head")
 
+_GEMMA2_LIKE = replace(_LLAMA_LIKE, mlp_post_norm="post_feedforward_layernorm")
+
 ARCHS: dict[str, ArchSpec] = {
     "gpt2": _GPT2,
     "gptj": _GPTJ,
@@ -141,8 +165,8 @@ ARCHS: dict[str, ArchSpec] = {
     "mistral": _LLAMA_LIKE,
     "qwen2": _LLAMA_LIKE,
     "gemma": _LLAMA_LIKE,
-    "gemma2": _LLAMA_LIKE,
-    "gemma3_text": _LLAMA_LIKE,
+    "gemma2": _GEMMA2_LIKE,
+    "gemma3_text": _GEMMA2_LIKE,
 }
 
 

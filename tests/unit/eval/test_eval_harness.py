@@ -214,3 +214,40 @@ def test_public_samples_run_through_the_harness(tiny_llama, shared_data, name, p
         assert edited["neighborhood_score"] is None and edited["neighborhood_acc"] is not None
     if name == "mquake":
         assert edited["multihop_accuracy"] is not None
+
+
+class _DisableSecond(lmedit.editors.Editor):
+    """Test-only: a harmless tiny edit, except the second request, whose edit adds large noise to the unembedding."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def edit(self, lm, requests):
+        self.n += 1
+        weight = lm.model.get_output_embeddings().weight
+        name = next(n for n, p in lm.model.named_parameters() if p is weight)
+        noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(self.n))
+        scale = 30.0 if self.n == 2 else 1e-4
+        return lmedit.editors.WeightEdit({name: lmedit.editors.ParamDelta(dense=scale * noise)},
+                                         requests=tuple(requests), method="disable_second")
+
+
+@pytest.mark.parametrize("refuse", [False, True])
+def test_sequential_health_flags_a_disabling_edit(tiny_llama, starter, tmp_path, refuse):
+    before = state_dict(tiny_llama)
+    result = evaluate(tiny_llama, starter, _DisableSecond(), limit=3, mode="sequential", checkpoint_every=3,
+                      n_drift=1, n_bootstrap=10, out_dir=tmp_path / "h", refuse_disabling=refuse, disabling_rise=0.5)
+    health = result.summary["health"]["edits"]
+    assert [h["n_edits"] for h in health] == [1, 2, 3]
+    assert [h["flagged"] for h in health] == [False, True, False]
+    assert health[1]["probe_loss_rise"] > 0.5 and abs(health[0]["probe_loss_rise"]) < 0.5
+    assert health[1]["update_norm"] > 100 * health[0]["update_norm"]
+    assert health[1]["kept"] is (not refuse)
+    reasons = result.summary["skipped"]["by_reason"]
+    assert reasons.get("disabling", 0) == (1 if refuse else 0)
+    final = [r for r in result.rows if r.get("kind") == "edited" and r["n_edits"] == 3]
+    assert len(final) == (2 if refuse else 3)
+    assert all(torch.equal(v, state_dict(tiny_llama)[k]) for k, v in before.items())
+    paths = write_report([tmp_path / "h"], tmp_path / "report")
+    assert (tmp_path / "report" / "plots" / "sequential_health.png").exists(), paths

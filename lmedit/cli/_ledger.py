@@ -1,0 +1,124 @@
+"""Helpers shared by the ledger commands (`lmedit ledger …`, `lmedit audit`, `lmedit export-model`, `lmedit edit --ledger`)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from rich.table import Table
+
+import lmedit
+from lmedit.editors import Edit
+from lmedit.errors import RequestError
+from lmedit.cli._common import console
+from lmedit.config import load_config
+from lmedit.ledger import AuditConfig, AuditReport, Ledger
+from lmedit.ledger.store import EditRow
+from lmedit.models.load import DEFAULT_MODEL, LM
+
+DEFAULT_LEDGER = "lmedit-ledger"
+LEVEL_STYLE = {"keep": "green", "warn": "yellow", "refuse": "bold red", "unaudited": "dim", None: "dim"}
+
+
+def add_ledger_arg(parser: argparse.ArgumentParser, *, required_default: bool = True) -> None:
+    default = os.environ.get("LMEDIT_LEDGER", DEFAULT_LEDGER) if required_default else None
+    parser.add_argument("--ledger", "-l", default=default, metavar="PATH",
+                        help=f"ledger directory (default: $LMEDIT_LEDGER or ./{DEFAULT_LEDGER})" if required_default
+                        else "record the edit in this ledger directory (audited first; refused edits are not kept)")
+
+
+def add_audit_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--audit-config", metavar="FILE", help="YAML file of audit thresholds (AuditConfig fields)")
+    parser.add_argument("--audit-set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one audit threshold, e.g. neighborhood_refuse=0.8 (null: never)")
+
+
+def add_model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", "-m", help="the base model (default: the one the ledger was made with)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+
+
+def audit_config(args: argparse.Namespace) -> AuditConfig:
+    return load_config(AuditConfig, getattr(args, "audit_config", None), getattr(args, "audit_set", None))
+
+
+def open_ledger(args: argparse.Namespace) -> Ledger:
+    return Ledger(args.ledger, audit_config=audit_config(args))
+
+
+def load_base(args: argparse.Namespace, ledger: Ledger | None = None, model: str | None = None) -> LM:
+    name = model or getattr(args, "model", None) or (ledger.model if ledger else None) or DEFAULT_MODEL
+    with console.status(f"loading {name} ..."):
+        return lmedit.load(name, device=getattr(args, "device", "cpu"))
+
+
+def describe(requests: list[dict]) -> str:
+    """One line per request: `subject: prompt → new (was old)`."""
+    lines = []
+    for r in requests:
+        if "prompt" in r:
+            old = f" (was {r['target_true']})" if r.get("target_true") else ""
+            lines.append(f"{r['prompt'].format(r['subject'])} → {r['target_new']}{old}")
+        else:
+            lines.append(r.get("text") or f"{r.get('input')} → {r.get('output')}")
+    return "\n".join(lines)
+
+
+def styled(level: str | None) -> str:
+    return f"[{LEVEL_STYLE.get(level, '')}]{level or 'n/a'}[/]"
+
+
+def fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+def render_report(report: AuditReport, title: str) -> None:
+    table = Table(title=f"{title}: [{LEVEL_STYLE.get(report.verdict, '')}]{report.verdict}[/] "
+                        f"(edited vs {report.reference}, {report.model})")
+    for col in ("check", "edited", report.reference, "warn", "refuse", "level"):
+        table.add_column(col)
+    for check in report.checks.values():
+        table.add_row(check.name, fmt(check.value), fmt(check.reference), fmt(check.warn), fmt(check.refuse),
+                      styled(check.level))
+    console.print(table)
+
+
+def render_rows(rows: list[EditRow], title: str) -> None:
+    table = Table(title=title)
+    for col in ("id", "state", "verdict", "method", "kind", "request", "created"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        table.add_row(str(r.id), r.state, styled(r.verdict), r.method, r.kind, describe(r.requests), r.created)
+    console.print(table)
+
+
+def render_reaudit(ledger: Ledger, reports: dict[int, AuditReport], title: str) -> None:
+    table = Table(title=title)
+    for col in ("id", "request", "verdict", "holds", "efficacy", "paraphrase", "neighborhood", "warn/refuse checks"):
+        table.add_column(col, overflow="fold")
+    for edit_id, report in reports.items():
+        c = report.checks
+        table.add_row(str(edit_id), describe(ledger.entry(edit_id).requests), styled(report.verdict),
+                      "yes" if report.holds else "[bold red]no[/]", fmt(c["efficacy"].value), fmt(c["paraphrase"].value),
+                      fmt(c["neighborhood"].value), ", ".join(report.failing()) or "-")
+    console.print(table)
+
+
+def record_edit(args: argparse.Namespace, ledger: Ledger, lm: LM, edit: Edit) -> bool:
+    """`lmedit edit --ledger`: audit `edit` and record it unless refused. Returns whether it was recorded (applied)."""
+    neighbors = []
+    for item in args.neighbor:
+        prompt, sep, answer = item.rpartition("=")
+        if not sep or not prompt.strip() or not answer.strip():
+            raise RequestError(f"--neighbor takes PROMPT=ANSWER, got {item!r}")
+        neighbors.append((prompt.strip(), answer.strip()))
+    with console.status("auditing the edit ..."):
+        commit = ledger.record(lm, edit, force=args.force, paraphrases=args.paraphrase, neighbors=neighbors)
+    render_report(commit.report, "audit")
+    if not commit.recorded:
+        console.print(f"[bold red]refused by the audit gate[/] ({', '.join(commit.report.failing('refuse'))}): "
+                      f"not recorded, the model is unchanged; --force records it anyway")
+        return False
+    console.print(f"recorded as edit {commit.edit_id} in {ledger.path} "
+                  f"({len(ledger.applied_ids())} applied; `lmedit ledger list --ledger {ledger.path}`)")
+    return True

@@ -1,0 +1,226 @@
+"""Shared fine-tuning loop of the FT and FT-L baselines: gradient steps on target_new for chosen weights.
+
+Used by `editors/ft.py` (unconstrained) and `editors/ft_l.py` (the change kept in an L∞ ball, Zhu et al.
+2020, "Modifying Memories in Transformer Models", arXiv:2012.00363). ROME (Meng et al. 2022,
+arXiv:2202.05262, §4) uses both as baselines; its GPT-2 XL setting (layer 0's MLP down-projection, 25 Adam
+steps at lr 5e-4, ε = 5e-4 for FT-L) gives the config defaults here.
+
+The objective: the mean over requests (and over optional ROME-style random prefixes) of target_new's
+teacher-forced NLL per target token; the prompt's tokens are not scored. Every request is in the same
+batch at every step. Logits are computed at the target positions only (the unembedding dominates).
+
+How the weights stay untouched: each trained parameter is replaced, for the duration of training only, by
+a trainable *copy* (a new `nn.Parameter` set on its module); the original tensor is never written, and
+`finally` puts the original objects and every parameter's `requires_grad` flag back, so even an
+interrupted edit leaves the model bit-identical. The result is the difference trained − original (dense,
+float32, in the parameter's stored layout: L∞ is elementwise, so no orientation is needed).
+
+Not handled: mini-batching many requests (all go in one batch per step); a KL/locality term (EasyEdit's
+`kl_factor`); training biases or norms.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, get_args
+
+import torch
+from torch import nn
+
+from lmedit.config import to_dict
+from lmedit.editors._value import context_prefixes
+from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
+from lmedit.errors import EditFailedError
+from lmedit.models.arch import WeightName
+from lmedit.scoring import logits_at
+from lmedit.tokens import pad_batch, prompt_ids, target_ids
+from lmedit.types import EditRequest
+
+if TYPE_CHECKING:
+    from lmedit.models.load import LM
+    from lmedit.stats import StatsCache
+
+log = logging.getLogger(__name__)
+
+MODULES: tuple[str, ...] = get_args(WeightName)  # the weights the ArchSpec can name: mlp_in, mlp_out, attn_out
+
+
+@dataclass(frozen=True, kw_only=True)
+class FinetuneConfig(EditorConfig):
+    """Settings shared by the fine-tuning editors. Defaults: ROME's FT baseline on GPT-2 XL."""
+
+    layers: tuple[int, ...] = (0,)     # blocks whose weight is trained (ROME's FT baseline: layer 0)
+    module: str = "mlp_out"           # which weight of each block: mlp_out (down-projection) | mlp_in | attn_out
+    steps: int = 25                   # most Adam steps (ROME: 25)
+    lr: float = 5e-4                  # Adam learning rate (ROME: 5e-4)
+    weight_decay: float = 0.0         # Adam's L2 weight decay on the trained weight (ROME, EasyEdit: 0)
+    early_stop_loss: float = 1e-2     # stop once the mean target NLL per token is below this; 0 = never
+    prefixes_short: int = 0           # ROME-style random 5-token prefixes added as extra training prompts
+    prefixes_long: int = 0            # ... and 10-token ones (0 and 0: train on the bare prompts only)
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        if not self.layers:
+            raise ValueError(f"{name}.layers must name at least one layer")
+        if any(layer < 0 for layer in self.layers):
+            raise ValueError(f"{name}.layers must be >= 0, got {list(self.layers)}")
+        if len(set(self.layers)) != len(self.layers):
+            raise ValueError(f"{name}.layers has duplicates: {list(self.layers)}")
+        if self.module not in MODULES:
+            raise ValueError(f"{name}.module must be one of {', '.join(MODULES)}, got {self.module!r}")
+        if self.steps < 1:
+            raise ValueError(f"{name}.steps must be >= 1, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError(f"{name}.weight_decay must be >= 0, got {self.weight_decay}")
+        if self.early_stop_loss < 0:
+            raise ValueError(f"{name}.early_stop_loss must be >= 0, got {self.early_stop_loss}")
+        if self.prefixes_short < 0 or self.prefixes_long < 0:
+            raise ValueError(f"{name}.prefixes_short and prefixes_long must be >= 0")
+
+
+@dataclass(frozen=True)
+class FinetuneResult:
+    deltas: dict[str, torch.Tensor]  # parameter name -> trained − original, float32, stored layout
+    losses: list[float]              # losses[i]: mean target NLL per token after i updates
+    steps: int                       # updates made
+    stopped_early: bool              # the loss fell below early_stop_loss before `steps` updates
+    n_prompts: int = 0               # training sequences per step (requests × prefixes)
+    max_abs: dict[str, float] = field(default_factory=dict)  # ‖Δ‖∞ per parameter
+
+
+@contextmanager
+def trainable_copies(lm: LM, names: Sequence[str]) -> Iterator[dict[str, nn.Parameter]]:
+    """Stand a trainable copy in for each named parameter, with every other parameter frozen, inside the block.
+
+    The original `Parameter` objects are never written: on exit (normal, exception or KeyboardInterrupt)
+    they are put back on their modules and every parameter's `requires_grad` flag is restored.
+
+    Example:
+        with trainable_copies(lm, ["model.layers.2.mlp.down_proj.weight"]) as params:
+            loss(lm).backward()          # gradients land on params[name], the copy
+        # lm is exactly as before; params[name] holds the trained values
+    """
+    flags = {name: p.requires_grad for name, p in lm.model.named_parameters()}
+    owners = {}
+    for name in names:
+        module_path, _, attr = name.rpartition(".")
+        owners[name] = (lm.model.get_submodule(module_path), attr)
+    originals = {name: getattr(module, attr) for name, (module, attr) in owners.items()}
+    try:
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        copies = {}
+        for name, (module, attr) in owners.items():
+            copies[name] = nn.Parameter(originals[name].detach().clone(), requires_grad=True)
+            setattr(module, attr, copies[name])
+        yield copies
+    finally:
+        for name, (module, attr) in owners.items():
+            setattr(module, attr, originals[name])
+        for name, p in lm.model.named_parameters():
+            p.requires_grad_(flags.get(name, p.requires_grad))
+
+
+def _training_batch(lm: LM, requests: Sequence[EditRequest], prefixes: Sequence[str]):
+    """Sequences "prefix + prompt + target[:-1]" and, per scored target token, (row, position, gold, weight)."""
+    seqs, rows, positions, gold, weights = [], [], [], [], []
+    for request in requests:
+        t_ids = target_ids(lm, request.target_new)
+        for prefix in prefixes:
+            p_ids = prompt_ids(lm, prefix + request.text)
+            row = len(seqs)
+            seqs.append(p_ids + t_ids[:-1])
+            for j, tok in enumerate(t_ids):
+                rows.append(row)
+                positions.append(len(p_ids) - 1 + j)  # the logits that predict target token j
+                gold.append(tok)
+                weights.append(1.0 / len(t_ids))      # each sequence counts once, whatever its target length
+    dev = lm.device
+    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+    return (pad_batch(lm, seqs), as_long(rows), as_long(positions), as_long(gold),
+            torch.tensor(weights, dtype=torch.float32, device=dev), len(seqs))
+
+
+def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,
+             norm_constraint: float | None = None, cache: StatsCache | None = None,
+             progress: Callable[[str, int, int], None] | None = None) -> FinetuneResult:
+    """Train the configured weights on target_new's NLL; return the change without applying it.
+
+    Args:
+        lm: the model; its weights and `requires_grad` flags are the same afterwards, bit for bit.
+        requests: trained together, one batch per step.
+        config: layers, module, steps, lr, weight decay, early stopping, prefixes.
+        norm_constraint: ε for FT-L: after each step W ← W₀ + clamp(W − W₀, −ε, ε) elementwise. None: FT.
+        cache: where sampled prefixes are cached (only used when prefixes are on).
+        progress: called as ("fine-tuning", step, steps) after each update.
+
+    Returns:
+        The per-parameter deltas (float32) and the loss curve.
+
+    Raises:
+        ValueError: a configured layer is outside the model.
+        EditFailedError: the loss became NaN/inf.
+    """
+    n_layers = lm.n_layers
+    bad = [layer for layer in config.layers if layer >= n_layers]
+    if bad:
+        raise ValueError(f"{type(config).__name__}.layers={list(config.layers)}: layer(s) {bad} out of range, "
+                         f"{lm.name!r} has {n_layers} layers (0..{n_layers - 1})")
+    names = [lm.arch.param_name(lm.model, layer, config.module) for layer in config.layers]  # type: ignore[arg-type]
+    lengths = [(n, c) for n, c in ((5, config.prefixes_short), (10, config.prefixes_long)) if c > 0]
+    prefixes = context_prefixes(lm, lengths, seed=config.seed, cache=cache) if lengths else [""]
+    batch, rows, positions, gold, weights, n_seqs = _training_batch(lm, requests, prefixes)
+
+    losses: list[float] = []
+    stopped_early = False
+    updates = 0
+    with trainable_copies(lm, names) as params, torch.enable_grad():
+        originals = {name: p.detach().clone() for name, p in params.items()}
+        optimizer = torch.optim.Adam(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
+        for updates in range(config.steps + 1):
+            optimizer.zero_grad()
+            logits = logits_at(lm, batch.model_inputs(), rows, positions).float()  # (n_target_tokens, d_vocab)
+            token_nll = -torch.log_softmax(logits, dim=-1).gather(1, gold[:, None])[:, 0]
+            loss = (token_nll * weights).sum() / n_seqs
+            losses.append(loss.item())
+            if not torch.isfinite(loss):
+                raise EditFailedError(f"fine-tuning loss became {loss.item()} after {updates} steps; "
+                                      "lower lr; the model is unchanged")
+            if losses[-1] < config.early_stop_loss:
+                stopped_early = True
+                break
+            if updates == config.steps:
+                break  # this forward only measured the loss after the last update
+            loss.backward()
+            optimizer.step()
+            if norm_constraint is not None:
+                with torch.no_grad():
+                    for name, p in params.items():
+                        w0 = originals[name]
+                        p.copy_(w0 + (p - w0).clamp(-norm_constraint, norm_constraint))
+            if progress is not None:
+                progress("fine-tuning", updates + 1, config.steps)
+        deltas = {name: (p.detach().to(torch.float64) - originals[name].to(torch.float64)).to(torch.float32)
+                  for name, p in params.items()}
+    max_abs = {name: float(d.abs().max()) for name, d in deltas.items()}
+    log.info("fine-tuned %s: loss %.3f -> %.3f in %d steps, max |Δ| %s", names, losses[0], losses[-1], updates,
+             {k: f"{v:.3g}" for k, v in max_abs.items()})
+    return FinetuneResult(deltas=deltas, losses=losses, steps=updates, stopped_early=stopped_early,
+                          n_prompts=n_seqs, max_abs=max_abs)
+
+
+def finetune_edit(lm: LM, requests: tuple[EditRequest, ...], config: FinetuneConfig, method: str, *,
+                  norm_constraint: float | None = None, cache: StatsCache | None = None,
+                  progress: Callable[[str, int, int], None] | None = None) -> WeightEdit:
+    """`finetune`, packaged as an unapplied `WeightEdit` with dense deltas and the loss curve in `info`."""
+    result = finetune(lm, requests, config, norm_constraint=norm_constraint, cache=cache, progress=progress)
+    info = {"layers": list(config.layers), "module": config.module, "params": list(result.deltas),
+            "losses": result.losses, "steps": result.steps, "stopped_early": result.stopped_early,
+            "final_loss": result.losses[-1], "n_prompts": result.n_prompts, "max_abs_delta": result.max_abs}
+    return WeightEdit(deltas={name: ParamDelta(dense=d) for name, d in result.deltas.items()}, requests=requests,
+                      method=method, config=to_dict(config), base_fingerprint=lm.fingerprint, info=info)

@@ -1,0 +1,139 @@
+"""AlphaEdit: null-space constrained knowledge editing (Fang et al. 2024, arXiv:2410.02355).
+
+MEMIT's steps (`editors/_mass.py`), with the update confined to the null space of the preserved keys:
+P = Û Ûᵀ, Û the eigenvectors of the corpus key second moment C whose eigenvalues are below
+`nullspace_threshold` × the largest. Any Δ = Δ̃ P leaves preserved keys' outputs alone (Δ k₀ ≈ 0), so no
+λC term is needed; the update minimises ‖Δ̃ P K − D‖² + ‖Δ̃ P K_p‖² + α‖Δ̃‖², where K_p are the keys of
+the edits already applied (read off those edits, so sequential edits stop eroding earlier ones):
+    Δ = D Kᵀ P (P (K Kᵀ + K_p K_pᵀ) P + α I)⁻¹        (eq. 15 of the paper, P moved inside symmetrically)
+which lies in P's range, because P commutes with the bracket. α = `l2` × tr(C)/d_mlp, so it is in the
+keys' units whatever the model.
+
+P is cached on disk keyed by the model's fingerprint, the layer, the corpus and its size, and the threshold.
+(The paper's code saves one projection file without a key and reuses it for any model; we do not.)
+
+Not handled: preserving keys other than the corpus's and the applied edits' (e.g. a user's own list).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lmedit.config import to_dict
+from lmedit.editors._mass import (MassEditConfig, check_layers, default_layers, preserved_keys, request_info, spread,
+                                  target_mode, z_targets)
+from lmedit.editors._value import context_prefixes
+from lmedit.editors.base import Editor, WeightEdit, check_requests
+from lmedit.registry import editors
+from lmedit.stats import StatsCache, key_second_moment
+from lmedit.types import EditRequest
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from lmedit.models.load import LM
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AlphaEditConfig(MassEditConfig):
+    nullspace_threshold: float = 1e-2      # eigenvalues of C below this × the largest span the editable space
+    l2: float = 1.0                        # α = l2 · tr(C)/d_mlp, the ridge term
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not 0.0 < self.nullspace_threshold < 1.0:
+            raise ValueError(f"AlphaEditConfig.nullspace_threshold must be in (0, 1), got {self.nullspace_threshold}")
+        if self.l2 <= 0:
+            raise ValueError(f"AlphaEditConfig.l2 must be > 0, got {self.l2}")
+
+
+def null_space_projection(C: torch.Tensor, threshold: float) -> torch.Tensor:
+    """P = Û Ûᵀ over the eigenvectors of C with eigenvalue < threshold × the largest -> (d_mlp, d_mlp) float64."""
+    values, vectors = torch.linalg.eigh(C.to(torch.float64))
+    basis = vectors[:, values < threshold * values.max()]
+    return basis @ basis.T
+
+
+def alphaedit_solve(P: torch.Tensor, K: torch.Tensor, D: torch.Tensor, alpha: float,
+                    K_prev: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Δ = D Kᵀ P (P (KKᵀ + K_p K_pᵀ) P + αI)⁻¹ in float64, as factors (left (d, n), right (d_mlp, n)).
+
+    Args:
+        P: (d_mlp, d_mlp) null-space projection; K: (n, d_mlp) keys (rows); D: (n, d) wanted output changes;
+        K_prev: (d_mlp, m) keys of earlier edits to keep (columns), or None.
+    """
+    P64, K64 = P.to(torch.float64), K.to(torch.float64)
+    M = K64.T @ K64
+    if K_prev is not None:
+        M = M + K_prev.to(torch.float64) @ K_prev.to(torch.float64).T
+    A = P64 @ M @ P64 + alpha * torch.eye(P64.shape[0], dtype=torch.float64, device=P64.device)
+    right = torch.linalg.solve(A, P64 @ K64.T)  # = (K P A⁻¹)ᵀ: A and P are symmetric
+    return D.to(torch.float64).T, right
+
+
+@editors.register("alphaedit")
+class AlphaEditEditor(Editor[AlphaEditConfig]):
+    """AlphaEdit (arXiv:2410.02355): MEMIT's update projected onto the null space of preserved keys."""
+
+    config_class = AlphaEditConfig
+
+    def __init__(self, config: AlphaEditConfig | None = None, *, cache: StatsCache | None = None) -> None:
+        super().__init__(config)
+        self.cache = cache if cache is not None else StatsCache()
+
+    def projection_path(self, lm: LM, layer: int) -> Path:
+        spec = self.config.corpus_spec()
+        stats = self.cache.path(lm, spec, layer)
+        return stats.with_name(f"nullspace-layer{layer}-n{spec.n_tokens}-t{self.config.nullspace_threshold:g}.safetensors")
+
+    def projection(self, lm: LM, layer: int, C: torch.Tensor) -> torch.Tensor:
+        """P for `layer`, read from the cache or computed from C and written (atomically)."""
+        path = self.projection_path(lm, layer)
+        if path.exists():
+            return load_file(str(path))["P"].to(device=C.device, dtype=torch.float64)
+        P = null_space_projection(C, self.config.nullspace_threshold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        save_file({"P": P.to(torch.float32).contiguous().cpu()}, str(tmp),
+                  metadata={"model": lm.fingerprint, "layer": str(layer), "corpus": self.config.corpus_spec().corpus_id(),
+                            "threshold": repr(self.config.nullspace_threshold), "rank": str(round(float(P.trace())))})
+        tmp.replace(path)
+        return P.to(torch.float32).to(torch.float64)  # what a later read returns: identical edits either way
+
+    def edit(self, lm: LM, requests: Sequence[EditRequest]) -> WeightEdit:
+        """One AlphaEdit update for all `requests`, preserving the corpus keys and the applied edits' keys."""
+        requests = check_requests(requests)
+        cfg = self.config
+        layers = check_layers(lm, cfg.layers if cfg.layers is not None else default_layers(lm), "AlphaEditConfig")
+        torch.manual_seed(cfg.seed)
+        Cs = key_second_moment(lm, list(layers), self.config.corpus_spec(), cache=self.cache, progress=self.progress)
+        Ps = {layer: self.projection(lm, layer, Cs[layer]) for layer in layers}
+        prefixes = context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=self.cache)
+        targets = z_targets(lm, layers, requests, prefixes, cfg.value_options(), chunk=cfg.chunk,
+                            mode=target_mode(lm, cfg.targets), progress=self.progress)
+        n_prev: dict[int, int] = {}
+
+        def solve(layer: int, K: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            K_prev = preserved_keys(lm, lm.arch.param_name(lm.model, layer, "mlp_out"))
+            n_prev[layer] = 0 if K_prev is None else K_prev.shape[1]
+            alpha = cfg.l2 * float(torch.trace(Cs[layer])) / Cs[layer].shape[0]
+            return alphaedit_solve(Ps[layer], K, D, alpha, K_prev)
+
+        deltas, keys, layer_info = spread(lm, requests, layers, targets, prefixes, solve,
+                                          batch_size=cfg.batch_size, progress=self.progress)
+        for item in layer_info:
+            item["nullspace_dim"] = round(float(Ps[item["layer"]].trace()))
+            item["preserved_edit_keys"] = n_prev.get(item["layer"], 0)
+        per_request = request_info(requests, targets)
+        return WeightEdit(deltas=deltas, requests=requests, method="alphaedit", config=to_dict(cfg),
+                          base_fingerprint=lm.fingerprint, keys=keys,
+                          info={"layers": list(layers), "targets": targets.mode, "per_layer": layer_info, "requests": per_request,
+                                "update_norm": float(sum(d["update_norm"] ** 2 for d in layer_info) ** 0.5)})

@@ -1,0 +1,71 @@
+"""Health checks along a stream of edits: is the model still a language model after this edit?
+
+Gupta et al. 2024 ("Rebuilding ROME", arXiv:2403.07175) found that some single ROME edits disable the
+model (generations collapse into repetition) and that such edits show a tiny ROME denominator
+(C⁻¹k*)ᵀk and a huge update norm. After each edit of a sequence we record:
+  update_norm        ‖Δ‖_F over every changed parameter (weight edits; from the low-rank factors when kept)
+  denominator        the smallest (C⁻¹k*)ᵀk of the edit's requests, when the method reports one (ROME)
+  probe_loss         mean next-token NLL of the model on a fixed, neutral probe text
+and flag an edit as disabling when the probe loss rose by more than a threshold (nats per token) with it.
+
+Not handled: generation-based collapse checks (fluency is measured by the evaluation's generation metrics).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmedit.editors.base import Edit, WeightEdit
+
+if TYPE_CHECKING:
+    from lmedit.models.load import LM
+
+# Neutral encyclopaedic English, unrelated to any benchmark fact; the loss on it is a model-health signal.
+PROBE_TEXT = (
+    "A river is a natural stream of water that flows in a channel toward an ocean, a lake, or another river. "
+    "Rivers carry rain and melted snow from high ground, and over thousands of years they shape valleys and "
+    "plains. People have settled beside rivers since early times, because they provide water for drinking and "
+    "farming, fish for food, and a way to travel and trade. Many large cities grew up where a river meets the "
+    "sea or where it could be crossed easily."
+)
+
+
+@torch.no_grad()
+def probe_loss(lm: LM, text: str = PROBE_TEXT) -> float:
+    """Mean next-token negative log-likelihood (nats) of `text` under the model as it is now."""
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+    logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+    return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+
+
+def update_norm(edit: Edit) -> float | None:
+    """‖Δ‖_F over all parameters a weight edit changes (None for other edit kinds)."""
+    if not isinstance(edit, WeightEdit):
+        return None
+    total = 0.0
+    for delta in edit.deltas.values():
+        if delta.dense is not None:
+            total += float(delta.dense.double().pow(2).sum())
+        else:  # ‖L Rᵀ‖_F² = tr((LᵀL)(RᵀR)), without forming the matrix
+            assert delta.left is not None and delta.right is not None
+            L, R = delta.left.double(), delta.right.double()
+            total += float(((L.T @ L) * (R.T @ R)).sum())
+    return math.sqrt(total)
+
+
+def denominator(edit: Edit) -> float | None:
+    """The smallest ROME denominator (C⁻¹k*)ᵀk reported in the edit's info, if any."""
+    values = [r["denominator"] for r in (getattr(edit, "info", {}) or {}).get("requests", [])
+              if isinstance(r, dict) and r.get("denominator") is not None]
+    return min(values) if values else None
+
+
+def health_row(edit: Edit, loss_before: float, loss_after: float, base_loss: float, threshold: float) -> dict[str, Any]:
+    """The health record of one edit in a sequence; `flagged` when it raised the probe loss by > threshold."""
+    rise = loss_after - loss_before
+    return {"update_norm": update_norm(edit), "denominator": denominator(edit), "probe_loss": loss_after,
+            "probe_loss_rise": rise, "probe_loss_vs_base": loss_after - base_loss,
+            "flagged": bool(not math.isfinite(loss_after) or rise > threshold)}

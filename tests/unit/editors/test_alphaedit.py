@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+import lmedit
+from lmedit.editors.alphaedit import AlphaEditConfig, AlphaEditEditor, alphaedit_solve, null_space_projection
+from lmedit.stats import StatsCache
+from lmedit.testing import _CORPUS, tiny_lm
+
+FIRST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
+SECOND = lmedit.EditRequest("Who leads {}", "the orchestra", "cats", None)
+
+
+def _spectrum(d: int = 32, seed: int = 0) -> torch.Tensor:
+    """A C with 12 large and 20 tiny eigenvalues: 20 null-space directions."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    values = torch.cat([torch.linspace(1.0, 5.0, 12, dtype=torch.float64), torch.full((d - 12,), 1e-6, dtype=torch.float64)])
+    return Q @ torch.diag(values) @ Q.T, Q[:, :12]
+
+
+def test_projection_spans_the_small_eigenvalues():
+    C, kept = _spectrum()
+    P = null_space_projection(C, 1e-3)
+    assert round(float(P.trace())) == 20
+    torch.testing.assert_close(P @ P, P)
+    assert (P @ kept).abs().max() < 1e-10
+
+
+def test_update_is_orthogonal_to_the_preserved_keys():
+    C, kept = _spectrum()
+    P = null_space_projection(C, 1e-3)
+    torch.manual_seed(1)
+    K, D = torch.randn(3, 32, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    K_prev = torch.randn(32, 2, dtype=torch.float64)
+    left, right = alphaedit_solve(P, K, D, alpha=1e-3, K_prev=K_prev)
+    delta = left @ right.T
+    # Δ k₀ = 0 for every preserved key k₀ in C's span
+    assert (delta @ kept).norm() / delta.norm() < 1e-8
+    # the edit keys still reach their targets through their null-space part
+    assert ((delta @ K.T) - D.T).norm() / D.norm() < 0.05
+    # earlier edits' keys are protected too: much less disturbed than without K_prev
+    left0, right0 = alphaedit_solve(P, K, D, alpha=1e-3)
+    assert (delta @ K_prev).norm() < 0.5 * ((left0 @ right0.T) @ K_prev).norm()
+
+
+def _editor(tmp_path, **kw):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n\n".join(_CORPUS * 40))
+    cfg = AlphaEditConfig(**{"layers": (1, 2), "corpus": f"file:{corpus}", "corpus_tokens": 3000, "prefixes": 2,
+                             "clamp_norm_factor": 4.0, **kw})
+    return AlphaEditEditor(cfg, cache=StatsCache(tmp_path / "stats"))
+
+
+def test_projection_is_cached_per_model_layer_corpus_and_threshold(tmp_path):
+    lm, other = tiny_lm("llama"), tiny_lm("llama", seed=1)
+    editor = _editor(tmp_path)
+    editor.edit(lm, [FIRST])
+    paths = {layer: editor.projection_path(lm, layer) for layer in (1, 2)}
+    assert all(p.exists() for p in paths.values())
+    assert lm.fingerprint in str(paths[1]) and "layer1" in paths[1].name and "t0.01" in paths[1].name
+    assert editor.projection_path(other, 1) != paths[1]
+    assert _editor(tmp_path, nullspace_threshold=0.1).projection_path(lm, 1) != paths[1]
+    # a cached projection gives the same edit as a fresh one
+    again = editor.edit(lm, [FIRST])
+    fresh = _editor(tmp_path / "fresh").edit(lm, [FIRST])
+    for name in again.deltas:
+        torch.testing.assert_close(again.deltas[name].full(), fresh.deltas[name].full(), rtol=1e-5, atol=1e-7)
+
+
+def test_sequential_edits_preserve_the_earlier_edit_keys(tmp_path):
+    lm = tiny_lm("llama")
+    editor = _editor(tmp_path)
+    first = editor.edit(lm, [FIRST]).apply(lm)
+    try:
+        second = editor.edit(lm, [SECOND])
+        blind = editor.edit(tiny_lm("llama"), [SECOND])  # same request, no applied edit to preserve
+    finally:
+        first.undo()
+    assert all(item["preserved_edit_keys"] == 1 for item in second.info["per_layer"])
+    assert all(item["preserved_edit_keys"] == 0 for item in blind.info["per_layer"])
+    for name, keys in first.keys.items():
+        kept = (second.deltas[name].full(torch.float64) @ keys.double()).norm()
+        ignored = (blind.deltas[name].full(torch.float64) @ keys.double()).norm()
+        assert kept < 0.5 * ignored, name
+
+
+def test_bad_threshold_is_refused():
+    with pytest.raises(ValueError, match="nullspace_threshold"):
+        AlphaEditConfig(nullspace_threshold=1.5)
+    with pytest.raises(ValueError, match="l2"):
+        AlphaEditConfig(l2=0)

@@ -1,0 +1,117 @@
+"""The audit gate: probes generated from a request, threshold levels, refusing a damaging edit, plots."""
+
+import dataclasses
+
+import pytest
+from ledger_helpers import LENIENT, REQUESTS, random_edit, same_weights, snapshot
+
+import lmedit
+from lmedit.config import load_config
+from lmedit.ledger import AuditConfig, AuditReport, Ledger
+from lmedit.ledger.audit import level_of
+from lmedit.ledger.plots import plot_report
+from lmedit.ledger.probes import GENERIC_NEIGHBORS, build_record, record_from_dict, record_to_dict
+
+
+def test_probes_of_a_starter_fact():
+    request = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    record = build_record(request)
+    paraphrases = [p.prompt for p in record.paraphrases]
+    assert "The Eiffel Tower stands in the city of" in paraphrases  # the starter set's paraphrase
+    assert "Here is a fact. The Eiffel Tower is located in the city of" in paraphrases
+    assert all(p.target == "Rome" and p.foil == "Paris" for p in record.paraphrases)
+    neighbors = {p.prompt: p for p in record.neighborhood}
+    # other subjects of the same template from the starter set, besides the generic facts
+    assert sum(p.endswith("is located in the city of") and p not in dict(GENERIC_NEIGHBORS) for p in neighbors) >= 2
+    assert all(p.foil == "Rome" and "Eiffel" not in p.prompt for p in record.neighborhood)
+    assert set(neighbors) >= {p for p, _ in GENERIC_NEIGHBORS}
+    (implication,) = record.implications
+    assert (implication.kind, implication.target, implication.foil) == ("transitive", "Italy", "France")
+    assert record.neighborhood_plus[0].prompt.startswith("The Eiffel Tower is located in the city of Rome. ")
+    assert record.essence_prompts == ("The Eiffel Tower is a",)
+
+
+def test_symmetric_implication_is_derived_for_a_new_fact_of_a_symmetric_relation():
+    request = lmedit.EditRequest("{} is married to", "Tom Hanks", "Madonna", "Rita Wilson")
+    record = build_record(request, paraphrases=["The wife of Tom Hanks is"], neighbors=[("Jay-Z is married to", "Beyoncé")])
+    (implication,) = record.implications
+    assert (implication.prompt, implication.target, implication.foil) == ("Madonna is married to", "Tom Hanks",
+                                                                          "Rita Wilson")
+    assert "The wife of Tom Hanks is" in [p.prompt for p in record.paraphrases]
+    assert [p.prompt for p in record.neighborhood].count("Jay-Z is married to") == 1
+
+
+def test_foil_stands_in_for_a_missing_target_true_and_records_round_trip():
+    request = lmedit.EditRequest("Where is {}", "The Space Needle", "Paris")
+    record = build_record(request, foil="Seattle")
+    assert record.requests[0].target_true == "Seattle" and record.rewrite[0].foil == "Seattle"
+    assert record_from_dict(record_to_dict(record)) == record
+
+
+@pytest.mark.parametrize("value,warn,refuse,higher,level", [
+    (1.0, 1.0, 0.5, True, "keep"), (0.75, 1.0, 0.5, True, "warn"), (0.25, 1.0, 0.5, True, "refuse"),
+    (0.1, 0.2, 2.0, False, "keep"), (0.3, 0.2, 2.0, False, "warn"), (3.0, 0.2, 2.0, False, "refuse"),
+    (3.0, None, None, False, "keep"), (None, 0.2, 2.0, False, None)])
+def test_levels(value, warn, refuse, higher, level):
+    assert level_of(value, warn, refuse, higher) == level
+
+
+def test_audit_config_validates_and_loads_from_yaml(tmp_path):
+    with pytest.raises(ValueError, match="efficacy_refuse"):
+        AuditConfig(efficacy_warn=0.5, efficacy_refuse=0.9)
+    with pytest.raises(ValueError, match="essence_drift_refuse"):
+        AuditConfig(essence_drift_warn=2.0, essence_drift_refuse=1.0)
+    (tmp_path / "audit.yaml").write_text("neighborhood_refuse: 0.7\nspecificity_plus_refuse: null\n")
+    config = load_config(AuditConfig, tmp_path / "audit.yaml", ["probe_loss_warn=0.1"])
+    assert (config.neighborhood_refuse, config.specificity_plus_refuse, config.probe_loss_warn) == (0.7, None, 0.1)
+    with pytest.raises(ValueError, match="Did you mean 'neighborhood_warn'"):
+        load_config(AuditConfig, None, ["neighbourhood_warn=0.5"])
+
+
+def test_gate_refuses_a_damaging_edit_and_leaves_the_model_unchanged(tmp_path, lm):
+    # The random edit realises no fact, so the fact checks are off; a random tiny model's next-token distributions
+    # are flat, so its drifts stay small in absolute terms: the drift thresholds are scaled down to match.
+    config = AuditConfig(efficacy_warn=None, efficacy_refuse=None, neighborhood_warn=None, neighborhood_refuse=None,
+                         essence_drift_warn=0.5, essence_drift_refuse=1.0, probe_loss_warn=0.05, probe_loss_refuse=0.1)
+    ledger = Ledger(tmp_path / "ledger", audit_config=config)
+    ledger.record(lm, random_edit(lm, REQUESTS[0], seed=0, scale=0.01), force=True)
+    before = snapshot(lm)
+    damaging = random_edit(lm, REQUESTS[1], seed=3, scale=50.0)
+    commit = ledger.record(lm, damaging)
+    assert not commit.recorded and commit.report.verdict == "refuse"
+    assert {"probe_loss", "essence_drift"} <= set(commit.report.failing("refuse"))
+    assert same_weights(before, snapshot(lm)) and [r.id for r in ledger.entries()] == [1]
+    forced = ledger.record(lm, random_edit(lm, REQUESTS[1], seed=3, scale=50.0), force=True)
+    assert forced.edit_id == 2 and ledger.entry(2).verdict == "refuse"
+
+
+def test_gate_passes_an_edit_that_changes_nothing(tmp_path, lm):
+    ledger = Ledger(tmp_path / "ledger")
+    commit = ledger.record(lm, random_edit(lm, REQUESTS[0], seed=0, scale=0.0))
+    checks = commit.report.checks
+    assert checks["essence_drift"].value == pytest.approx(0.0, abs=1e-6)
+    assert checks["probe_loss"].value == pytest.approx(0.0, abs=1e-6)
+    assert checks["fluency_drop"].value == pytest.approx(0.0, abs=1e-6)
+    assert checks["neighborhood"].value == checks["neighborhood"].reference
+    assert checks["efficacy"].value == checks["efficacy"].reference
+
+
+def test_audit_of_a_reverted_edit_asks_whether_it_would_hold(tmp_path, lm, rome_config):
+    ledger = Ledger(tmp_path / "ledger", audit_config=LENIENT)
+    ledger.edit(lm, REQUESTS[0], "rome", config=rome_config)
+    ledger.revert(1, lm, audit=False)
+    base = snapshot(lm)
+    report = ledger.audit(1, lm)
+    assert report.reference == "previous state" and report.checks["efficacy"].value == 1.0
+    assert same_weights(base, snapshot(lm))  # the hypothetical re-application was undone
+    assert ledger.reports(1)[-1][0] == "audit (reverted edit)"
+
+
+def test_report_round_trips_and_plots(tmp_path, lm):
+    ledger = Ledger(tmp_path / "ledger", audit_config=dataclasses.replace(LENIENT, generation_tokens=4))
+    report = ledger.record(lm, random_edit(lm, REQUESTS[0], seed=0)).report
+    again = AuditReport.from_dict(report.to_dict())
+    assert again.to_dict() == report.to_dict() and again.holds == report.holds
+    assert ledger.latest_report(1).to_dict() == report.to_dict()
+    path = plot_report(report, tmp_path / "plots" / "edit-1.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
