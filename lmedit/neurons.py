@@ -205,7 +205,7 @@ def attribute(lm: LM, prompt: str, target: str | int | None = None, *, steps: in
         for j, layer in enumerate(chunk):
             grad = points[layer].grad  # (steps, d_mlp)
             assert grad is not None
-            scores[layer] = (activations[layer] * grad.float().mean(0).cpu())
+            scores[layer] = activations[layer].cpu() * grad.float().mean(0).cpu()
             prob_zero[layer] = float(probs[j * width + steps].detach())
         if progress is not None:
             progress(done, len(chunks))

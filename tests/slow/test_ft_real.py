@@ -1,13 +1,12 @@
 """FT and FT-L on the real default model with their gemma3-270m configs. Slow: real weights on CPU."""
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
 from lmedit.editors import get_editor
-from lmedit.eval.datasets.starter import starter_path
+from lmedit.eval.datasets.starter import starter_requests
 from lmedit.scoring import score_targets
 from lmedit.types import EditRequest
 
@@ -17,8 +16,7 @@ CASES = ("capital-0", "landmark_city-0", "official_language-0")  # France→Rome
 
 
 def _requests() -> list[EditRequest]:
-    records = {r["case_id"]: r for r in map(json.loads, starter_path().read_text().splitlines())}
-    return [EditRequest.from_dict(records[case]["requested_rewrite"]) for case in CASES]
+    return starter_requests(*CASES)
 
 
 def _margin(lm, request: EditRequest) -> float:

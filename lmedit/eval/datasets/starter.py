@@ -14,12 +14,14 @@ Not handled: other models may not know these facts; rebuild with `--model` for t
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 from pathlib import Path
 
 from lmedit.eval.datasets._io import Issues, checked_records, make_request, require, text_of
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
+from lmedit.types import EditRequest
 
 
 def starter_path() -> Path:
@@ -69,3 +71,12 @@ def load_starter(path: Path, issues: Issues) -> list[EvalRecord]:
 
 datasets.register("starter", filename=None, url=None, description="facts gemma3-270m knows (shipped)",
                   default_path=starter_path)(load_starter)
+
+
+def starter_requests(*case_ids: str) -> list[EditRequest]:
+    """The edit requests of the named starter records (e.g. "capital-0"), in the order given."""
+    records = {r["case_id"]: r for r in map(json.loads, starter_path().read_text(encoding="utf-8").splitlines())}
+    missing = [c for c in case_ids if c not in records]
+    if missing:
+        raise KeyError(f"no starter record with case_id {missing[0]!r}")
+    return [EditRequest.from_dict(records[c]["requested_rewrite"]) for c in case_ids]
