@@ -43,6 +43,13 @@ def _label(run: Run, name: str) -> str:
     return run.summary["metrics"].get(name, {}).get("label", name)
 
 
+def _line_label(run: Run, runs: list[Run]) -> str:
+    """The run's method, with its directory's parent added when another run has the same method (e.g. two configs)."""
+    method = run.summary["run"]["method"]
+    same = [r for r in runs if r.summary["run"]["method"] == method]
+    return method if len(same) == 1 else f"{method} [{run.path.parent.name}]"
+
+
 def metric_bars(runs: list[Run], out: Path) -> list[Path]:
     """Bars with 95% intervals per metric and method, the unedited model first."""
     names = [n for n in BAR_METRICS if any(r.summary["edited"]["metrics"].get(n, {}).get("n") for r in runs)]
@@ -83,7 +90,7 @@ def sequential(runs: list[Run], out: Path) -> list[Path]:
                 if not points:
                     continue
                 x = [p["n_edits"] for p in points]
-                ax.plot(x, [p["mean"] for p in points], marker="o", label=run.summary["run"]["method"])
+                ax.plot(x, [p["mean"] for p in points], marker="o", label=_line_label(run, seq))
                 ax.fill_between(x, [p["lo"] for p in points], [p["hi"] for p in points], alpha=0.2)
             ax.set_title(f"{_label(seq[0], name)}" + (" (unrelated facts)" if key == "drift_curves" else ""), fontsize=9)
             ax.set_xlabel("number of edits")
@@ -106,7 +113,7 @@ def health(runs: list[Run], out: Path) -> list[Path]:
             pts = [(h["n_edits"], h[key], h["flagged"]) for h in run.summary["health"]["edits"] if h.get(key) is not None]
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=run.summary["run"]["method"])
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=_line_label(run, seq))
             bad = [p for p in pts if p[2]]
             if bad:
                 ax.scatter([p[0] for p in bad], [p[1] for p in bad], color="red", s=18, zorder=3)
