@@ -40,7 +40,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=10, help="batch mode: records edited together")
     p.add_argument("--checkpoint-every", type=int, default=0, help="sequential: re-measure every K edits (0: ~10 checkpoints)")
     p.add_argument("--n-drift", type=int, default=20, help="sequential: unrelated records measured for drift")
-    p.add_argument("--disabling-rise", type=float, default=1.0, metavar="NATS",
+    p.add_argument("--disabling-rise", type=float, default=0.1, metavar="NATS",
                    help="sequential: flag an edit that raises the probe-text loss by more than NATS per token")
     p.add_argument("--refuse-disabling", action="store_true", help="sequential: undo and skip flagged edits")
     p.add_argument("--generation", type=int, default=0, metavar="TOKENS",

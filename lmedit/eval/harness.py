@@ -68,7 +68,7 @@ class EvalConfig:
     seed: int = 0                  # bootstrap seed
     strict: bool = False           # fail on the first invalid record instead of skipping and counting it
     save_edits: bool = True        # sequential: keep each edit in out_dir/edits for --resume
-    disabling_rise: float = 1.0    # sequential: flag an edit raising the probe-text loss by more nats/token than this
+    disabling_rise: float = 0.1    # sequential: flag an edit raising the probe-text loss by more nats/token (see docs/editors.md)
     refuse_disabling: bool = False  # sequential: undo and skip flagged edits instead of keeping them
 
     def __post_init__(self) -> None:
