@@ -185,12 +185,7 @@ class WeightEdit(Edit):
             LMEditError: already applied, fingerprint or shape mismatch, unknown parameter.
             EditFailedError: a new value would be NaN/inf.
         """
-        if self._lm is not None:
-            raise LMEditError("this edit is already applied; undo() it first")
-        if check_fingerprint and self.base_fingerprint and self.base_fingerprint != lm.fingerprint:
-            raise LMEditError(
-                f"this edit was made on a model with fingerprint {self.base_fingerprint}, but {lm.name!r} has "
-                f"{lm.fingerprint}; replay the requests on this model instead of applying the deltas")
+        _check_applicable(self, lm, check_fingerprint)
         params = dict(lm.model.named_parameters())
         new_values: dict[str, torch.Tensor] = {}
         for name, delta in self.deltas.items():
@@ -274,6 +269,16 @@ class WeightEdit(Edit):
                    base_fingerprint=meta["base_fingerprint"], info=json.loads(meta["info"]), keys=keys)
 
 
+def _check_applicable(edit: WeightEdit | WrapperEdit, lm: LM, check_fingerprint: bool) -> None:
+    """Refuse to apply an edit twice, or to a model whose weights differ from the ones it was made on."""
+    if edit.is_applied:
+        raise LMEditError("this edit is already applied; undo() it first")
+    if check_fingerprint and edit.base_fingerprint and edit.base_fingerprint != lm.fingerprint:
+        raise LMEditError(
+            f"this edit was made on a model with fingerprint {edit.base_fingerprint}, but {lm.name!r} has "
+            f"{lm.fingerprint}; replay the requests on this model instead")
+
+
 def _stack(lm: LM) -> list[Edit]:
     """The edits currently applied to `lm`, oldest first (kept on the model object itself)."""
     stack = getattr(lm.model, "_lmedit_applied", None)
@@ -341,12 +346,7 @@ class WrapperEdit(Edit):
         Raises:
             LMEditError: already applied, or made for a model with other weights.
         """
-        if self._lm is not None:
-            raise LMEditError("this edit is already applied; undo() it first")
-        if check_fingerprint and self.base_fingerprint and self.base_fingerprint != lm.fingerprint:
-            raise LMEditError(
-                f"this edit was made on a model with fingerprint {self.base_fingerprint}, but {lm.name!r} has "
-                f"{lm.fingerprint}; replay the requests on this model instead")
+        _check_applicable(self, lm, check_fingerprint)
         self._lm = lm
         _stack(lm).append(self)
         return self

@@ -27,7 +27,7 @@ import hashlib
 import json
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -305,13 +305,7 @@ class Ledger:
                                 neighbors=neighbors, generic_neighbors=self.audit_config.generic_neighbors,
                                 context_paraphrases=self.audit_config.context_paraphrases)
                    for r in getattr(edit, "requests", ()) if isinstance(r, EditRequest)]
-        def without() -> None:
-            if edit.is_applied:
-                edit.undo()
-
-        def with_edit() -> None:
-            if not edit.is_applied:
-                edit.apply(lm)
+        without, with_edit = _toggles(edit, lm)
 
         if records:
             report = run_audit(lm, {0: records}, to_reference=without, to_edited=with_edit, config=self.audit_config,
@@ -461,13 +455,7 @@ class Ledger:
         self._ensure(lm, self.applied_ids())
         edit = self.load_edit(edit_id)
 
-        def without() -> None:
-            if edit.is_applied:
-                edit.undo()
-
-        def with_edit() -> None:
-            if not edit.is_applied:
-                edit.apply(lm)
+        without, with_edit = _toggles(edit, lm)
 
         try:
             report = run_audit(lm, {edit_id: self.records(edit_id)}, to_reference=without, to_edited=with_edit,
@@ -504,3 +492,17 @@ class Ledger:
         from lmedit.ledger.replay import replay
 
         return replay(self, onto, into=into, config_dir=config_dir, force=force)
+
+
+def _toggles(edit: Edit, lm: LM) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(take `edit` off `lm` if it is on, put it on if it is off): the two states an audit compares."""
+
+    def without() -> None:
+        if edit.is_applied:
+            edit.undo()
+
+    def with_edit() -> None:
+        if not edit.is_applied:
+            edit.apply(lm)
+
+    return without, with_edit
