@@ -116,7 +116,7 @@ class ParamDelta:
             out = self.dense
         else:
             assert self.left is not None and self.right is not None
-            out = self.left.to(torch.float64) @ self.right.to(torch.float64).T
+            out = self.left.to(device=device, dtype=torch.float64) @ self.right.to(device=device, dtype=torch.float64).T
         return out.to(dtype=dtype or out.dtype, device=device)
 
 
