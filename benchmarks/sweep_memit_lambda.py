@@ -1,8 +1,8 @@
 """MEMIT on one large batch: efficacy, paraphrase and neighbourhood scores as λ (mom2_weight) varies.
 
-The target values are optimised once for the batch (the expensive part, independent of λ); each λ then
-re-runs MEMIT's per-layer spread and solve (`editors/_mass.spread`, `memit.memit_solve`), applies the
-edit, scores the CounterFact probes with the evaluation harness's `measure` and metrics, and undoes it.
+The target values are optimised once for the batch (`MemitEditor.optimize_targets`, the expensive part,
+independent of λ); each λ then makes the edit from them (`MemitEditor.edit_from_targets`), applies it,
+scores the CounterFact probes with the evaluation harness's `measure` and metrics, and undoes it.
 The edit for a given λ is exactly what `lmedit eval --method memit --mode batch` makes with that
 `--set mom2_weight=λ`. KL metrics are left out (they need the full harness).
 
@@ -18,22 +18,19 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit, peak_rss_mb  # noqa: E402
 
-import torch  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 import lmedit  # noqa: E402
 from lmedit.config import to_dict  # noqa: E402
 from lmedit.editors import get_editor  # noqa: E402
-from lmedit.editors._mass import Targets, spread, target_mode, z_targets  # noqa: E402
-from lmedit.editors._value import context_prefixes  # noqa: E402
-from lmedit.editors.base import WeightEdit  # noqa: E402
-from lmedit.editors.memit import memit_solve  # noqa: E402
+from lmedit.editors._mass import Targets  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
 from lmedit.eval.measure import measure  # noqa: E402
 from lmedit.eval.metrics import MetricInputs, compute_metrics  # noqa: E402
@@ -74,44 +71,34 @@ def main() -> None:
     records = load_dataset("counterfact", args.data, limit=args.limit).records
     requests = [r.requests[0] for r in records]
     editor = get_editor("memit", args.config)
+    editor.progress = lambda stage, i, n: _log(t0, f"{stage} {i}/{n}") if stage == "target values" else None
     cfg = editor.config
-    layers = editor.layers_for(lm)
-    torch.manual_seed(cfg.seed)
-    Cs = editor.covariances(lm, layers)
-    prefixes = context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=editor.cache)
     pre = measure(lm, records, keep_dists=False)
     _log(t0, f"unedited measured ({len(records)} records)")
     tz = time.time()
     key = json.dumps({"fingerprint": lm.fingerprint, "config": to_dict(cfg), "data": str(Path(args.data).resolve()),
                       "limit": args.limit}, sort_keys=True, default=str)
     saved = Path(args.targets) if args.targets else None
-    if saved is not None and saved.exists() and safe_open(str(saved), "pt").metadata().get("key") == key:
-        targets, computed = Targets(safe_open(str(saved), "pt").metadata()["mode"], load_file(str(saved))["z"], []), False
+    reuse = saved is not None and saved.exists() and safe_open(str(saved), "pt").metadata().get("key") == key
+    if reuse:
+        targets = Targets(safe_open(str(saved), "pt").metadata()["mode"], load_file(str(saved))["z"], [])
         _log(t0, f"targets read from {saved}")
     else:
-        targets = z_targets(lm, layers, requests, prefixes, cfg.value_options(), chunk=cfg.chunk,
-                            mode=target_mode(lm, cfg.targets),
-                            progress=lambda stage, i, n: _log(t0, f"{stage} {i}/{n}"))
-        computed = True
+        targets = editor.optimize_targets(lm, requests)
         if saved is not None:
             tmp = saved.with_suffix(".tmp")
             save_file({"z": targets.z.contiguous()}, str(tmp), metadata={"key": key, "mode": targets.mode})
             tmp.replace(saved)
-    target_s = time.time() - tz
-    result = {"model": args.model, "n_requests": len(requests), "layers": list(layers), "config": to_dict(cfg),
-              "target_seconds": round(target_s, 1),
-              "targets_from": "file" if saved is not None and not computed else "optimised", "unedited": _mean_scores(records, pre, pre), "runs": []}
+    result = {"model": args.model, "n_requests": len(requests), "layers": list(editor.layers_for(lm)),
+              "config": to_dict(cfg), "target_seconds": round(time.time() - tz, 1),
+              "targets_from": "file" if reuse else "optimised", "unedited": _mean_scores(records, pre, pre), "runs": []}
     for lam in (float(x) for x in args.lambdas.split(",")):
         ts = time.time()
-        deltas, keys, info = spread(lm, requests, layers, targets, prefixes,
-                                    lambda layer, K, D, lam=lam: memit_solve(Cs[layer], K, D, lam),
-                                    batch_size=cfg.batch_size)
+        edit = type(editor)(replace(cfg, mom2_weight=lam), cache=editor.cache).edit_from_targets(lm, requests, targets)
         solve_s = time.time() - ts
-        edit = WeightEdit(deltas=deltas, requests=requests, method="memit", base_fingerprint=lm.fingerprint)
         with edit.applied(lm):
             post = measure(lm, records, keep_dists=False)
-        run = {"mom2_weight": lam, "spread_solve_seconds": round(solve_s, 1),
-               "update_norm": round(sum(d["update_norm"] ** 2 for d in info) ** 0.5, 3),
+        run = {"mom2_weight": lam, "spread_solve_seconds": round(solve_s, 1), "update_norm": round(edit.info["update_norm"], 3),
                **_mean_scores(records, pre, post)}
         result["runs"].append(run)
         _log(t0, json.dumps(run))

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmedit.config import to_dict
-from lmedit.editors._mass import (MassEditConfig, check_layers, default_layers, request_info, spread, target_mode,
-                                  z_targets)
+from lmedit.editors._mass import (MassEditConfig, Targets, check_layers, default_layers, request_info, spread,
+                                  target_mode, z_targets)
 from lmedit.editors._value import context_prefixes
 from lmedit.editors.base import Editor, WeightEdit, check_requests
 from lmedit.registry import editors
@@ -76,20 +76,43 @@ class MemitEditor(Editor[MemitConfig]):
     def edit(self, lm: LM, requests: Sequence[EditRequest]) -> WeightEdit:
         """One MEMIT update for all `requests` (unapplied; the model is unchanged on return)."""
         requests = check_requests(requests)
+        layers, Cs, prefixes = self._setup(lm)
+        return self._solve(lm, requests, layers, Cs, prefixes, self._targets(lm, requests, layers, prefixes))
+
+    def optimize_targets(self, lm: LM, requests: Sequence[EditRequest]) -> Targets:
+        """The targets of `requests` (the expensive step; it does not depend on λ, so a λ sweep does it once)."""
+        requests = check_requests(requests)
+        layers, _, prefixes = self._setup(lm)
+        return self._targets(lm, requests, layers, prefixes)
+
+    def edit_from_targets(self, lm: LM, requests: Sequence[EditRequest], targets: Targets) -> WeightEdit:
+        """The edit `edit(lm, requests)` makes, given the targets `optimize_targets` returned for them."""
+        requests = check_requests(requests)
+        layers, Cs, prefixes = self._setup(lm)
+        return self._solve(lm, requests, layers, Cs, prefixes, targets)
+
+    def _setup(self, lm: LM) -> tuple[tuple[int, ...], dict[int, torch.Tensor], list[str]]:
         cfg = self.config
         layers = self.layers_for(lm)
         torch.manual_seed(cfg.seed)
         Cs = self.covariances(lm, layers)
-        prefixes = context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=self.cache)
-        targets = z_targets(lm, layers, requests, prefixes, cfg.value_options(), chunk=cfg.chunk,
-                            mode=target_mode(lm, cfg.targets), progress=self.progress)
+        return layers, Cs, context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=self.cache)
+
+    def _targets(self, lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], prefixes: Sequence[str]) -> Targets:
+        cfg = self.config
+        return z_targets(lm, layers, requests, prefixes, cfg.value_options(), chunk=cfg.chunk,
+                         mode=target_mode(lm, cfg.targets), progress=self.progress)
+
+    def _solve(self, lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], Cs: dict[int, torch.Tensor],
+               prefixes: Sequence[str], targets: Targets) -> WeightEdit:
+        cfg = self.config
 
         def solve(layer: int, K: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             return memit_solve(Cs[layer], K, D, cfg.mom2_weight)
 
         deltas, keys, layer_info = spread(lm, requests, layers, targets, prefixes, solve,
                                           batch_size=cfg.batch_size, progress=self.progress)
-        per_request = request_info(requests, targets)
+        per_request = request_info(requests, targets) if targets.results else []
         log.info("MEMIT: %d requests over layers %s", len(requests), list(layers))
         return WeightEdit(deltas=deltas, requests=requests, method="memit", config=to_dict(cfg),
                           base_fingerprint=lm.fingerprint, keys=keys,

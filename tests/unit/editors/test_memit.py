@@ -112,3 +112,17 @@ def test_memit_keys_are_read_at_the_edited_layers(tmp_path):
     assert result.info["layers"] == [1, 2]
     names = sorted(result.deltas)
     assert names == sorted(lm.arch.param_name(lm.model, layer, "mlp_out") for layer in (1, 2))
+
+
+def test_edit_from_targets_reproduces_edit_and_lets_lambda_vary(tmp_path):
+    # A λ sweep optimises the targets once (benchmarks/sweep_memit_lambda.py): the split must not change the edit.
+    lm = tiny_lm("llama")
+    editor = _editor(tmp_path)
+    whole = editor.edit(lm, REQUESTS)
+    targets = editor.optimize_targets(lm, REQUESTS)
+    split = editor.edit_from_targets(lm, REQUESTS, targets)
+    assert whole.deltas.keys() == split.deltas.keys()
+    for name in whole.deltas:
+        assert torch.equal(whole.deltas[name].full(torch.float64), split.deltas[name].full(torch.float64))
+    looser = _editor(tmp_path, mom2_weight=1.0).edit_from_targets(lm, REQUESTS, targets)
+    assert looser.info["update_norm"] > split.info["update_norm"]
