@@ -4,7 +4,8 @@ MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer", arXiv:2210.0722
 down-projections of a range of layers R = [l_1 .. L] at once:
   1. z_i = h_L + δ_i: the residual stream after block L at request i's last subject token, optimised so the
      model says target_new (ROME's v* loss, `_value.optimize_values` at site `resid_out`); for models that
-     normalise the MLP output (Gemma 2/3) the layers' own values are optimised instead (`target_mode`);
+     normalise the MLP output (Gemma 2/3) the layers' own values are optimised instead (`target_mode`),
+     each target being the value that layer had in the optimised forward;
   2. for each l in R, ascending, with the updates of earlier layers already applied:
      K_l (d_mlp × n) keys of the requests (mean over prefixed prompts), R_l = (z − h_L) / (L − l + 1) the
      part of the missing residual this layer writes, mapped to the down-projection's output space

@@ -145,6 +145,29 @@ def _problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str
     return _Problem(seqs, lookups, rows, positions, gold, len(templates), len(t_ids))
 
 
+@torch.no_grad()
+def _seen_values(lm: LM, sites: Sequence[Site], inputs: dict[str, torch.Tensor], lookups: torch.Tensor,
+                 delta: torch.Tensor) -> torch.Tensor:
+    """The outputs at `sites` (subject's last token of each bare prompt) in the forward with `delta` added -> (m, S, d).
+
+    With several layers, a later layer's output in the optimised forward is its value *given the earlier
+    layers' δ* plus its own δ, not v_init + δ: the earlier δ change what reaches it. That is the value the
+    layer must produce for the model to repeat the optimised forward, so it is the target.
+    """
+    rows = torch.arange(len(lookups), device=lm.device)
+    seen: dict[Site, torch.Tensor] = {}
+
+    def add_and_record(activation: torch.Tensor, site: Site) -> torch.Tensor:
+        out = activation.clone()
+        out[rows, lookups] = out[rows, lookups] + delta[:, sites.index(site)]
+        seen[site] = out[rows, lookups]
+        return out
+
+    with patch(lm, {site: add_and_record for site in sites}, stop_after=sites[-1]):
+        lm.model(**inputs, use_cache=False)
+    return torch.stack([seen[site] for site in sites], 1)
+
+
 def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditRequest], prefixes: Sequence[str],
                     options: ValueOptions, *, site_kind: str = "mlp.out",
                     on_step: Callable[[int, list[float]], None] | None = None) -> list[ValueResult]:
@@ -157,7 +180,8 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
 
     With a sequence of layers, one δ per request and layer is optimised jointly (the site at each layer),
     and each result's v_star / v_init are (n_layers, d) instead of (d,); weight decay and clamping apply
-    per layer.
+    per layer. v_star[j] is then layer j's output in the optimised forward (its value given the earlier
+    layers' δ, plus δ_j; `_seen_values`), which is what that layer must produce; v_init stays unedited.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
     problems = [_problem(lm, r, prefixes, options.essence_template) for r in requests]
@@ -262,6 +286,9 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
             delta.mul_(scale[..., None])
         active[req_keep[done]] = False
     v_star = (v_init + delta).detach()
+    if len(sites) > 1:
+        v_star = _seen_values(lm, sites, {k: v[first_seq] for k, v in inputs.items()}, lookups_t[first_seq],
+                              delta.detach())
     if isinstance(layer, int):
         v_star, v_init = v_star[:, 0], v_init[:, 0]
     return [ValueResult(v_star=v_star[i], v_init=v_init[i], losses=losses[i], nll=nll_final[i], steps=steps[i])

@@ -5,10 +5,12 @@ import lmedit
 from lmedit.editors._value import ValueOptions, optimize_value, optimize_values
 from lmedit.editors.base import WeightEdit
 from lmedit.editors.memit import MemitConfig, MemitEditor, memit_solve
-from lmedit.scoring import next_token_logprobs
+from lmedit.hooks import capture, patch
+from lmedit.scoring import next_token_logprobs, score_targets
 from lmedit.stats import StatsCache
 from lmedit.testing import _CORPUS, tiny_lm
-from lmedit.tokens import target_ids
+from lmedit.tokens import prompt_ids, subject_span, target_ids
+from lmedit.types import Site
 
 REQUESTS = [
     lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris"),
@@ -126,3 +128,48 @@ def test_edit_from_targets_reproduces_edit_and_lets_lambda_vary(tmp_path):
         assert torch.equal(whole.deltas[name].full(torch.float64), split.deltas[name].full(torch.float64))
     looser = _editor(tmp_path, mom2_weight=1.0).edit_from_targets(lm, REQUESTS, targets)
     assert looser.info["update_norm"] > split.info["update_norm"]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_per_layer_values_reproduce_the_optimised_forward(family):
+    # With several layers, v_star[j] is the output layer j had in the optimised forward (its value given the
+    # earlier layers' δ, plus its own δ): writing those values in place reproduces the optimised NLL exactly.
+    lm = tiny_lm(family)
+    request = REQUESTS[0]
+    layers = [1, 2]
+    result = optimize_values(lm, layers, [request], [""], ValueOptions(steps=4, clamp_norm_factor=4.0),
+                             site_kind="mlp.out")[0]
+    assert result.v_star.shape == result.v_init.shape == (len(layers), lm.arch.d_model(lm.model))
+    last = subject_span(lm, request.prompt, request.subject).last
+
+    def nll_with(values: torch.Tensor) -> float:
+        def put(activation, site):
+            out = activation.clone()
+            out[0, last] = values[layers.index(site.layer)].to(out.dtype)
+            return out
+
+        with patch(lm, {Site("mlp.out", layer): put for layer in layers}):
+            score = score_targets(lm, [request.text], [request.target_new])[0]
+        return -score.logprob / score.n_tokens
+
+    assert nll_with(result.v_star) == pytest.approx(result.nll, rel=1e-4, abs=1e-5)
+    # v_init + δ (the later layer's δ on top of its *unedited* value) is a different forward
+    naive = result.v_init.clone()
+    naive[0] = result.v_star[0]
+    naive[1] = result.v_init[1] + (result.v_star[1] - _seen_layer_value(lm, request, layers, result.v_star[0]))
+    assert abs(nll_with(naive) - result.nll) > 1e-3
+
+
+def _seen_layer_value(lm, request, layers, first_value):
+    """Layer layers[1]'s output at the subject's last token when layer layers[0]'s output there is `first_value`."""
+    last = subject_span(lm, request.prompt, request.subject).last
+    seen = {}
+
+    def put(activation, site):
+        out = activation.clone()
+        out[0, last] = first_value.to(out.dtype)
+        return out
+
+    with patch(lm, {Site("mlp.out", layers[0]): put}), capture(lm, [Site("mlp.out", layers[1])]) as acts:
+        lm.model(input_ids=torch.tensor([prompt_ids(lm, request.text)]), use_cache=False)
+    return acts[Site("mlp.out", layers[1])][0, last].to(first_value.dtype)
