@@ -285,10 +285,11 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
             scale = torch.where(norms > max_norm, max_norm / norms.clamp_min(1e-30), torch.ones_like(norms))
             delta.mul_(scale[..., None])
         active[req_keep[done]] = False
-    v_star = (v_init + delta).detach()
     if len(sites) > 1:
         v_star = _seen_values(lm, sites, {k: v[first_seq] for k, v in inputs.items()}, lookups_t[first_seq],
                               delta.detach())
+    else:
+        v_star = (v_init + delta).detach()
     if isinstance(layer, int):
         v_star, v_init = v_star[:, 0], v_init[:, 0]
     return [ValueResult(v_star=v_star[i], v_init=v_init[i], losses=losses[i], nll=nll_final[i], steps=steps[i])
