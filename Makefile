@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/lmedit edit --config configs/rome/gemma3-270m.yaml \
+	$(VENV)/bin/lmedit edit \
 	  --prompt "{} is located in the city of" --subject "The Eiffel Tower" --target-new Rome --target-true Paris \
 	  --probe "The Eiffel Tower can be found in the city of" --probe "The Louvre is located in the city of"
 

@@ -1,6 +1,6 @@
 """Single-edit time of every weight editor on the default model, and MEMIT's throughput as the batch grows.
 
-Per method (its configs/<method>/<model>.yaml): median over `--facts` facts of `editor.edit` (statistics,
+Per method (its shipped lmedit/configs/<method>/<model>.yaml): median over `--facts` facts of `editor.edit` (statistics,
 prefixes and other caches warmed by a first, uncounted edit). For the methods that optimise target values
 (ROME, MEMIT, AlphaEdit) the "floor" is that optimisation alone (`_value.optimize_values` with the
 method's own options, sites and prefixes, on the same fact): the forward/backward passes the method
@@ -27,6 +27,7 @@ from lmedit.editors import get_editor  # noqa: E402
 from lmedit.editors._mass import target_mode  # noqa: E402
 from lmedit.editors._value import context_prefixes, optimize_values  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
+from lmedit.settings import shipped_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "easyedit_format" / "counterfact-edit.json"
@@ -61,7 +62,7 @@ def main() -> None:
     requests = [r.requests[0] for r in records[: max([args.facts + 1, *sizes])]]
     result: dict = {"model": args.model, "facts": args.facts, "methods": {}}
     for method in args.methods.split(","):
-        editor = get_editor(method, ROOT / "configs" / method / f"{args.model}.yaml")
+        editor = get_editor(method, shipped_path(method, args.model))
         editor.edit(lm, [requests[0]])  # warm caches (statistics, prefixes, refining facts)
         times, floors = [], []
         for request in requests[1: args.facts + 1]:
@@ -75,7 +76,7 @@ def main() -> None:
                       "ratio_median": median([t / f for t, f in zip(times, floors)])}
         result["methods"][method] = entry
         print(json.dumps({method: entry}), file=sys.stderr)
-    memit = get_editor("memit", ROOT / "configs" / "memit" / f"{args.model}.yaml")
+    memit = get_editor("memit", shipped_path("memit", args.model))
     result["memit_batch"] = []
     for n in sizes:
         seconds, _ = timed(lambda: memit.edit(lm, requests[:n]))

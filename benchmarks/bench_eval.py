@@ -5,7 +5,7 @@ records evaluated, wall seconds, records per minute, the editor's own seconds pe
 the harness's measuring seconds per record (the unedited and the edited model, batched); plus peak RSS
 of the process (model, edits and measurements together).
 
-Usage: .venv/bin/python benchmarks/bench_eval.py [--method rome] [--config configs/rome/gemma3-270m.yaml]
+Usage: .venv/bin/python benchmarks/bench_eval.py [--method rome] [--config rome/gemma3-270m.yaml]
            [--data ../shared/data/counterfact/rome_format_samples/most_orthogonal.json] [--limit 3] [--set k=v]
 The default data is the ROME-layout CounterFact sample (10 neighbourhood and 10 generation prompts per
 record, like the full file); the EasyEdit layout has one neighbour and no generation prompts.
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit, peak_rss_mb, timed  # noqa: E402
 
 import lmedit  # noqa: E402
-from lmedit.editors import get_editor  # noqa: E402
+from lmedit.settings import resolve_editor  # noqa: E402
 from lmedit.eval import EvalConfig, load_dataset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,7 +34,7 @@ SAMPLE = ROOT.parent / "shared" / "data" / "counterfact" / "rome_format_samples"
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="rome")
-    parser.add_argument("--config", help="the method's YAML config (default: configs/<method>/<model>.yaml if present)")
+    parser.add_argument("--config", help="the method's YAML config (default: the shipped settings for the model)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--dataset", default="counterfact")
@@ -43,13 +43,9 @@ def main() -> None:
     parser.add_argument("--generation", type=int, default=40, help="tokens per generation prompt (second setting)")
     args = parser.parse_args()
 
-    config = args.config
-    default_config = ROOT / "configs" / args.method / f"{args.model}.yaml"
-    if config is None and default_config.exists():
-        config = str(default_config)
     lm = lmedit.load(args.model)
     data = load_dataset(args.dataset, args.data)
-    editor = get_editor(args.method, config, args.set or None)
+    editor, _ = resolve_editor(args.method, lm, args.config, args.set or None)
     results = []
     for label, tokens in (("probability+kl+token_accuracy", 0), ("with generation", args.generation)):
         with tempfile.TemporaryDirectory() as tmp:
@@ -63,7 +59,7 @@ def main() -> None:
                         "measure_s_per_record": round((wall - edit_s) / n, 2),
                         "edited_score": result.summary["edited"]["score"]["mean"],
                         "unedited_score": result.summary["unedited"]["score"]["mean"]})
-    emit({"benchmark": "eval", "method": args.method, "config": config, "overrides": args.set, "model": args.model,
+    emit({"benchmark": "eval", "method": args.method, "settings": editor.settings_source, "overrides": args.set, "model": args.model,
           "dataset": args.dataset, "data": data.source, "results": results, "peak_rss_mb": round(peak_rss_mb(), 1),
           "torch_threads": torch.get_num_threads()})
 

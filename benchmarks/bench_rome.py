@@ -6,7 +6,7 @@ v* optimisation's passes over the prefixed prompts, as many forwards and backwar
 with the same batch, a leaf δ added at the edited layer and logits at the target positions only —
 measured in the same run on the same facts.
 
-Usage: .venv/bin/python benchmarks/bench_rome.py [--model gemma3-270m] [--config configs/rome/gemma3-270m.yaml]
+Usage: .venv/bin/python benchmarks/bench_rome.py [--model gemma3-270m] [--config rome/gemma3-270m.yaml]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit, median, peak_rss_mb, timed  # noqa: E402
 
 import lmedit  # noqa: E402
-from lmedit.editors import get_editor  # noqa: E402
+from lmedit.settings import resolve_editor  # noqa: E402
 from lmedit.editors._value import context_prefixes  # noqa: E402
 from lmedit.hooks import patch  # noqa: E402
 from lmedit.scoring import logits_at  # noqa: E402
@@ -86,9 +86,8 @@ def main() -> None:
     parser.add_argument("--model", default="gemma3-270m")
     parser.add_argument("--config", default=None)
     args = parser.parse_args()
-    config = args.config or str(Path(__file__).parents[1] / "configs" / "rome" / f"{args.model}.yaml")
     lm = lmedit.load(args.model)
-    editor = get_editor("rome", config)
+    editor, _ = resolve_editor("rome", lm, args.config)
     editor.edit(lm, [FACTS[0]])  # warm: statistics, prefixes, allocator
     cfg = editor.config
     prefixes = context_prefixes(lm, ((5, cfg.prefixes_short), (10, cfg.prefixes_long)), seed=cfg.seed,

@@ -4,7 +4,7 @@ For each corpus setting, computes C at the edited layer (timed, into a scratch c
 on a fixed set of facts the default model knows and scores each edit with whole-target log-probs:
 efficacy (edit prompt prefers target_new), paraphrase (a rephrasing prefers it), neighbourhood (a
 different subject sharing the true object still prefers target_true). This is the evidence for the
-default corpus in RomeConfig / configs/rome/*.yaml.
+default corpus in RomeConfig / lmedit/configs/rome/*.yaml.
 
 Usage: .venv/bin/python benchmarks/bench_stats.py [--model gemma3-270m] [--settings sampled:5000,docstrings:20000,...]
 """
@@ -23,6 +23,7 @@ from _common import emit, peak_rss_mb, timed  # noqa: E402
 import lmedit  # noqa: E402
 from lmedit.editors import get_editor  # noqa: E402
 from lmedit.scoring import score_targets  # noqa: E402
+from lmedit.settings import shipped_path  # noqa: E402
 from lmedit.stats import CorpusSpec, StatsCache, corpus_sequences, key_second_moment  # noqa: E402
 from lmedit.types import EditRequest  # noqa: E402
 
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--settings", default="docstrings:5000,docstrings:20000,docstrings:60000,sampled:5000,sampled:20000")
     args = parser.parse_args()
     lm = lmedit.load(args.model)
-    config = Path(__file__).parents[1] / "configs" / "rome" / f"{args.model}.yaml"
+    config = shipped_path("rome", args.model)
     base = get_editor("rome", config)
     layer = args.layer if args.layer is not None else base.layer_for(lm)
     rows = []

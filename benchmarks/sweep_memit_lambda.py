@@ -7,7 +7,7 @@ The edit for a given λ is exactly what `lmedit eval --method memit --mode batch
 `--set mom2_weight=λ`. KL metrics are left out (they need the full harness).
 
 Usage: .venv/bin/python benchmarks/sweep_memit_lambda.py [--limit 1000] [--lambdas 500,150,50]
-       [--config configs/memit/gemma3-270m.yaml] [--out sweep.json]
+       [--config memit/gemma3-270m.yaml] [--out sweep.json]
        [--targets targets.safetensors]
 Run it alone: two torch processes on two cores slow each other several-fold.
 """
@@ -35,6 +35,7 @@ from lmedit.eval.datasets import load_dataset  # noqa: E402
 from lmedit.eval.measure import measure  # noqa: E402
 from lmedit.eval.metrics import MetricInputs, compute_metrics  # noqa: E402
 from lmedit.eval.text import Tfidf  # noqa: E402
+from lmedit.settings import shipped_path  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 CF = ROOT.parent / "shared" / "data" / "counterfact" / "easyedit_format" / "counterfact-edit.json"
@@ -58,7 +59,7 @@ def _mean_scores(records, pre, post) -> dict[str, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="gemma3-270m")
-    ap.add_argument("--config", default=str(ROOT / "configs" / "memit" / "gemma3-270m.yaml"))
+    ap.add_argument("--config", default=str(shipped_path("memit", "gemma3-270m")))
     ap.add_argument("--data", default=str(CF))
     ap.add_argument("--limit", type=int, default=1000)
     ap.add_argument("--lambdas", default="500,150,50")

@@ -1,7 +1,9 @@
 """Typed configs from YAML: `load_config(RomeConfig, "configs/rome/gemma3-270m.yaml", overrides=["v_lr=0.3"])`.
 
 Values are converted with the dataclass field types (so `5e-1` is a float and `[4, 5]` a tuple of
-ints); unknown keys are rejected with a suggestion. Validation lives in each config's `__post_init__`.
+ints; a YAML bool is never taken for a number); unknown keys are rejected with a suggestion. Validation
+lives in each config's `__post_init__`. Every problem raises `ConfigError` (a `ValueError`) naming the
+file or override and the field.
 """
 
 from __future__ import annotations
@@ -15,7 +17,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from lmedit.errors import ConfigError
+
 C = TypeVar("C")
+
+_TYPE_NAMES = {int: "an int", float: "a number", str: "a string", bool: "a bool (true/false)"}
 
 
 def _convert(value: Any, hint: Any, field: str) -> Any:
@@ -34,60 +40,119 @@ def _convert(value: Any, hint: Any, field: str) -> Any:
                 return _convert(value, arg, field)
             except (TypeError, ValueError) as exc:
                 errors.append(str(exc))
-        raise ValueError(f"config field {field!r}: {value!r} matches none of {hint}")
+        expected = " or ".join("null" if a is type(None) else _TYPE_NAMES.get(a, str(a)) for a in args)
+        raise ConfigError(f"config field {field!r} expects {expected}, got {value!r}")
     if origin is typing.Literal:
         if value not in args:
-            raise ValueError(f"config field {field!r} must be one of {args}, got {value!r}")
+            raise ConfigError(f"config field {field!r} must be one of {args}, got {value!r}")
         return value
     if origin is tuple:
         if isinstance(value, str | int | float):
             value = [value]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config field {field!r} expects a list, got {value!r}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_convert(v, args[0], field) for v in value)
-        return tuple(_convert(v, a, field) for v, a in zip(value, args, strict=True))
+        if len(value) != len(args):
+            raise ConfigError(f"config field {field!r} expects a list of {len(args)} values, got {value!r}")
+        return tuple(_convert(v, a, field) for v, a in zip(value, args))
     if hint is bool:
         if isinstance(value, str):
             if value.lower() in ("true", "1", "yes"):
                 return True
             if value.lower() in ("false", "0", "no"):
                 return False
-            raise ValueError(f"config field {field!r} expects a bool, got {value!r}")
+            raise ConfigError(f"config field {field!r} expects a bool, got {value!r}")
         return bool(value)
     if hint in (int, float, str):
+        if hint in (int, float) and (isinstance(value, bool) or not isinstance(value, int | float | str)):
+            # YAML reads `yes`/`no`/`on`/`true` as bools: `layer: yes` is a mistake, not layer 1.
+            raise ConfigError(f"config field {field!r} expects {_TYPE_NAMES[hint]}, got {value!r}")
         if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError(f"config field {field!r} expects an int, got {value!r}")
-        return hint(value)
+            raise ConfigError(f"config field {field!r} expects an int, got {value!r}")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"config field {field!r} expects {_TYPE_NAMES[hint]}, got {value!r}") from None
     return value
 
 
-def from_dict(cls: type[C], data: dict[str, Any]) -> C:
-    """Build config `cls` from a plain dict, converting types and rejecting unknown keys."""
+def from_dict(cls: type[C], data: dict[str, Any], *, origins: dict[str, str] | None = None) -> C:
+    """Build config `cls` from a plain dict, converting types and rejecting unknown keys.
+
+    Args:
+        origins: where each key's value came from (a file name, `override 'k=v'`), put in front of messages.
+
+    Raises:
+        ConfigError: unknown field, a value of the wrong type, or one the config's validation rejects.
+    """
+    origins = origins or {}
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
     kwargs = {}
     for key, value in data.items():
+        where = f"{origins[key]}: " if key in origins else ""
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
+            close = difflib.get_close_matches(str(key), names, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ValueError(f"unknown {cls.__name__} field {key!r}.{hint} Fields: {', '.join(names)}")
-        kwargs[key] = _convert(value, hints[key], key)
-    return cls(**kwargs)
+            raise ConfigError(f"{where}unknown {cls.__name__} field {key!r}.{hint} Fields: {', '.join(names)}")
+        try:
+            kwargs[key] = _convert(value, hints[key], key)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}{exc}") from None
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as exc:  # a config's __post_init__ validation
+        sources = ", ".join(dict.fromkeys(origins[k] for k in kwargs if k in origins))
+        raise ConfigError(f"{sources}: {exc}" if sources else str(exc)) from None
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory, expected a YAML file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"config file {path}: invalid YAML{at}: {problem}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc})") from None
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path}: a config file must be a YAML mapping (key: value lines), "
+                          f"got {type(loaded).__name__}")
+    return loaded
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: list[str] | None = None) -> C:
-    """Load a config dataclass from a YAML file (optional) plus `key=value` overrides (YAML-parsed values)."""
+    """Load a config dataclass from a YAML file (optional) plus `key=value` overrides (YAML-parsed values).
+
+    Raises:
+        ConfigError: missing or malformed file, a malformed override, an unknown field or a bad value; the
+            message names the file or the override, and the field.
+    """
     data: dict[str, Any] = {}
+    origins: dict[str, str] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ValueError(f"{path}: a config file must be a YAML mapping, got {type(loaded).__name__}")
-        data.update(loaded)
+        path = Path(path).expanduser()
+        data.update(_read_yaml(path))
+        origins.update({key: f"config file {path}" for key in data})
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not of the form key=value")
-        data[key.strip()] = yaml.safe_load(raw)
-    return from_dict(cls, data)
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            data[key] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            data[key] = raw  # e.g. `[1,` : the field's type check reports it
+        origins[key] = f"override {item!r}"
+    return from_dict(cls, data, origins=origins)
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -104,10 +104,10 @@ def _validate_layers(lm: LM, layers: Iterable[int] | None) -> tuple[int, ...]:
     n = lm.n_layers
     chosen = tuple(range(n)) if layers is None else tuple(sorted(set(int(x) for x in layers)))
     if not chosen:
-        raise ValueError("no layers to search")
+        raise RequestError("no layers to search")
     bad = [x for x in chosen if not 0 <= x < n]
     if bad:
-        raise ValueError(f"layers {bad} are out of range: the model has {n} layers (0..{n - 1})")
+        raise RequestError(f"layers {bad} are out of range: the model has {n} layers (0..{n - 1})")
     return chosen
 
 
@@ -142,10 +142,10 @@ def attribute(lm: LM, prompt: str, target: str | int | None = None, *, steps: in
         A `NeuronAttribution`.
 
     Raises:
-        RequestError: the prompt is empty; ValueError: bad steps or layers.
+        RequestError: the prompt is empty, bad steps or layers (a `ValueError`).
     """
     if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
+        raise RequestError(f"steps must be >= 1, got {steps}")
     chosen = _validate_layers(lm, layers)
     ids = prompt_ids(lm, prompt)
     if not ids:
@@ -226,7 +226,7 @@ def candidates(scores: torch.Tensor, threshold: float) -> set[Neuron]:
         threshold: t in (0, 1] (paper: 0.2).
     """
     if not 0.0 < threshold <= 1.0:
-        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+        raise RequestError(f"threshold must be in (0, 1], got {threshold}")
     top = float(scores.max())
     if not top > 0:
         return set()
@@ -238,12 +238,12 @@ def shared(per_prompt: Sequence[set[Neuron]], share: float) -> set[Neuron]:
     """Neurons that are in at least a fraction `share` of the prompts' candidate sets (paper: 0.7).
 
     Raises:
-        ValueError: no prompts, or `share` outside (0, 1].
+        RequestError: (a `ValueError`) no prompts, or `share` outside (0, 1].
     """
     if not per_prompt:
-        raise ValueError("no prompts to share neurons between")
+        raise RequestError("no prompts to share neurons between")
     if not 0.0 < share <= 1.0:
-        raise ValueError(f"share must be in (0, 1], got {share}")
+        raise RequestError(f"share must be in (0, 1], got {share}")
     counts = Counter(n for neurons in per_prompt for n in neurons)
     need = share * len(per_prompt) - 1e-9  # 0.7 × 10 is 7.000000000000001 in floating point
     return {n for n, c in counts.items() if c >= need}
@@ -261,7 +261,7 @@ def refine(neurons: set[Neuron], others: Sequence[set[Neuron]], max_share: float
         max_share: a neuron in more than this fraction of `others` is dropped.
     """
     if not 0.0 <= max_share < 1.0:
-        raise ValueError(f"max_share must be in [0, 1), got {max_share}")
+        raise RequestError(f"max_share must be in [0, 1), got {max_share}")
     if not others:
         return set(neurons)
     counts = Counter(n for other in others for n in other if n in neurons)
@@ -369,9 +369,9 @@ def find_knowledge_neurons(lm: LM, prompts: Sequence[str], target: str | int | N
         `KnowledgeNeurons`; `neurons` may be empty when nothing passes and `fallback_top_k` is 0.
     """
     if not prompts:
-        raise ValueError("give at least one prompt")
+        raise RequestError("give at least one prompt")
     if max_neurons is not None and max_neurons < 1:
-        raise ValueError(f"max_neurons must be >= 1 or None, got {max_neurons}")
+        raise RequestError(f"max_neurons must be >= 1 or None, got {max_neurons}")
     candidates(torch.ones(1, 1), threshold)  # validates threshold before any work
     shared([set()], share)
     per_prompt_passes = math.ceil(len(_validate_layers(lm, layers)) / max(1, max_rows // (steps + 1)))

@@ -1,15 +1,21 @@
 """A typed name -> object registry (the lm-evaluation-harness `Registry[T]` pattern).
 
 Editors, datasets and metrics each have one registry. An unknown name raises `KeyError` with a
-"did you mean" suggestion. Third-party editors register through the `lmedit.editors` entry-point group.
+"did you mean" suggestion (`UnknownNameError`, still a `KeyError`). Third-party editors register through the
+`lmedit.editors` entry-point group. Each registry imports its built-in module (the one explicit list of
+built-ins, e.g. `lmedit/editors/__init__.py`) on first lookup, so reading a registry never depends on what
+happened to be imported before.
 """
 
 from __future__ import annotations
 
 import difflib
 from collections.abc import Callable, Iterator
+from importlib import import_module
 from importlib.metadata import entry_points
 from typing import Any, Generic, TypeVar
+
+from lmedit.errors import UnknownNameError
 
 T = TypeVar("T")
 
@@ -25,11 +31,13 @@ class Registry(Generic[T]):
         True
     """
 
-    def __init__(self, kind: str, entry_point_group: str | None = None) -> None:
+    def __init__(self, kind: str, entry_point_group: str | None = None, builtins: str | None = None) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
         self._group = entry_point_group
+        self._builtins = builtins          # module whose import registers the built-in entries
+        self._loaded_builtins = builtins is None
         self._loaded_plugins = False
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
@@ -47,6 +55,13 @@ class Registry(Generic[T]):
         return decorate
 
     def _load_plugins(self) -> None:
+        if not self._loaded_builtins:
+            self._loaded_builtins = True  # first, so that a lookup while the module imports does not recurse
+            try:
+                import_module(self._builtins)  # type: ignore[arg-type]
+            except BaseException:
+                self._loaded_builtins = False
+                raise
         if self._loaded_plugins or self._group is None:
             return
         self._loaded_plugins = True
@@ -55,14 +70,14 @@ class Registry(Generic[T]):
                 self.register(ep.name)(ep.load())
 
     def get(self, name: str) -> T:
-        """The object registered as `name`; `KeyError` with close matches otherwise."""
+        """The object registered as `name`; `UnknownNameError` (a `KeyError`) with close matches otherwise."""
         self._load_plugins()
         try:
             return self._items[name]
         except KeyError:
             close = difflib.get_close_matches(name, self._items, n=3)
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-            raise KeyError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}") from None
+            raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}") from None
 
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)
@@ -80,6 +95,6 @@ class Registry(Generic[T]):
 
 
 # The project's registries. Plugins register into these; nothing else keeps a list of methods.
-editors: Registry[Any] = Registry("editor", entry_point_group="lmedit.editors")
-datasets: Registry[Any] = Registry("dataset")
-metrics: Registry[Any] = Registry("metric")
+editors: Registry[Any] = Registry("editor", entry_point_group="lmedit.editors", builtins="lmedit.editors")
+datasets: Registry[Any] = Registry("dataset", builtins="lmedit.eval.datasets")
+metrics: Registry[Any] = Registry("metric", builtins="lmedit.eval.metrics")

@@ -105,16 +105,76 @@ def next_token_logprobs(lm: LM, prompts: Sequence[str], *, batch_size: int = 32)
     return torch.cat(chunks)
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A greedy or sampled continuation, and how much probability the model put on never-text tokens.
+
+    `never_text_mass` is the mean, over the generated steps, of the probability the model gave to tokens
+    a text model must never emit (`LM.never_text_ids`: image/audio markers, padding, `<unusedN>`...)
+    before they were suppressed; `never_text_max` its largest value at one step. An unedited model puts
+    about 0 there; an edit that derails generation shows up here even though the text stays clean.
+    """
+
+    text: str
+    never_text_mass: float
+    never_text_max: float
+
+
+class _NeverText:
+    """A logits processor: records the softmax mass of the never-text ids per row and step, then masks them."""
+
+    def __init__(self, ids: Sequence[int], vocab: int) -> None:
+        self.ids = [i for i in ids if i < vocab]
+        self.masses: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.ids:
+            return scores
+        index = torch.tensor(self.ids, device=scores.device)
+        probs = torch.softmax(scores.float(), dim=-1)
+        self.masses.append(probs.index_select(1, index).sum(1).cpu())
+        scores = scores.clone()
+        scores[:, index] = float("-inf")
+        return scores
+
+
 @torch.no_grad()
-def generate(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 20, greedy: bool = True,
-             temperature: float = 1.0, seed: int | None = None) -> list[str]:
-    """Continue each prompt; returns only the new text. Left-pads the batch as generation needs."""
+def generate_detailed(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 20, greedy: bool = True,
+                      temperature: float = 1.0, seed: int | None = None) -> list[Generation]:
+    """Continue each prompt, never emitting `lm.never_text_ids`; returns text and never-text probability."""
+    from transformers import LogitsProcessorList
+
     if seed is not None:
         torch.manual_seed(seed)
     prompts = routed(lm, prompts)
     enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(lm.device)
+    guard = _NeverText(lm.never_text_ids, lm.model.get_output_embeddings().weight.shape[0])
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                             temperature=temperature if not greedy else None, top_p=None, top_k=None,
-                            pad_token_id=lm.tokenizer.pad_token_id)
+                            pad_token_id=lm.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([guard]))
     new = out[:, enc["input_ids"].shape[1]:]
-    return lm.tokenizer.batch_decode(new, skip_special_tokens=True)
+    texts = lm.tokenizer.batch_decode(new, skip_special_tokens=True)
+    if guard.masses:
+        masses = torch.stack(guard.masses, 1)  # (n, steps); steps after a row's EOS are padding: not counted
+        eos = lm.tokenizer.eos_token_id
+        done = torch.zeros(masses.shape, dtype=torch.bool)
+        if eos is not None:
+            finished = (new[:, :masses.shape[1]] == eos).cpu().long().cumsum(1)
+            done = (finished - (new[:, :masses.shape[1]] == eos).cpu().long()) > 0
+        counted = masses.masked_fill(done, 0.0)
+        steps = (~done).sum(1).clamp(min=1)
+        mean, peak = (counted.sum(1) / steps).tolist(), counted.max(1).values.tolist()
+    else:
+        mean = peak = [0.0] * len(texts)
+    return [Generation(t, m, p) for t, m, p in zip(texts, mean, peak)]
+
+
+def generate(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 20, greedy: bool = True,
+             temperature: float = 1.0, seed: int | None = None) -> list[str]:
+    """Continue each prompt; returns only the new text. Left-pads the batch as generation needs.
+
+    Tokens a text model must never emit (`LM.never_text_ids`) are never generated; `generate_detailed`
+    also says how much probability the model put on them.
+    """
+    return [g.text for g in generate_detailed(lm, prompts, max_new_tokens=max_new_tokens, greedy=greedy,
+                                              temperature=temperature, seed=seed)]

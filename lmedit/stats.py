@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmedit.errors import LMEditError
+from lmedit.errors import LMEditError, MissingFileError
 from lmedit.hooks import capture
 from lmedit.tokens import pad_batch
 from lmedit.types import Site
@@ -64,7 +64,7 @@ class CorpusSpec:
         if self.n_tokens < 1 or self.seq_len < 2:
             raise ValueError("CorpusSpec.n_tokens must be >= 1 and seq_len >= 2")
         if self.source.startswith("file:") and not Path(self.source[5:]).is_file():
-            raise FileNotFoundError(f"corpus file {self.source[5:]!r} does not exist")
+            raise MissingFileError(f"corpus file {self.source[5:]!r} does not exist")
 
     def corpus_id(self) -> str:
         if self.source == "sampled":

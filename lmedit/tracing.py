@@ -60,6 +60,7 @@ from transformers import DynamicCache
 
 from lmedit.errors import RequestError
 from lmedit.hooks import capture, patch, start_at
+from lmedit.models.load import as_lm
 from lmedit.scoring import next_token_logprobs
 from lmedit.tokens import find_subject, prompt_ids, target_ids
 from lmedit.types import Site
@@ -595,7 +596,9 @@ def trace(lm: LM, prompt: str, subject: str, answer: str | None = None, *, kind:
     Raises:
         RequestError: empty prompt, subject not in the prompt, window outside 1..n_layers, prompt longer
             than the model's context, unknown kind, sever with a kind other than "resid".
+        NotAnLMError: `lm` is a bare transformers model (wrap it with `lmedit.LM.from_hf`).
     """
+    lm = as_lm(lm)
     return trace_kinds(lm, prompt, subject, answer, kinds=(kind,), samples=samples, noise=noise, window=window,
                        seed=seed, sever=sever, tokens=tokens, source_prompt=source_prompt,
                        source_answer=source_answer, max_tokens=max_tokens, progress=progress)[kind]
@@ -677,11 +680,41 @@ class Fact:
 
 
 def load_facts(path: str | Path) -> list[Fact]:
-    """Facts from a JSONL file (one JSON object per line) or a JSON list."""
-    text = Path(path).read_text()
+    """Facts from a JSONL file (one JSON object per line) or a JSON list.
+
+    Raises:
+        MissingFileError: no such file.
+        InputFileError: not JSON, or a fact without prompt, subject and answer (file and line or index named).
+    """
+    from lmedit.errors import InputFileError, MissingFileError
+
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"facts file {path} does not exist" if not path.exists() else
+                               f"facts file {path} is a directory, expected a JSONL file")
+    text = path.read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        return [Fact.from_dict(d) for d in json.loads(text)]
-    return [Fact.from_dict(json.loads(line)) for line in text.splitlines() if line.strip()]
+        try:
+            items = [(f"item {i}", d) for i, d in enumerate(json.loads(text), 1)]
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"facts file {path} is not valid JSON: line {exc.lineno}: {exc.msg}") from None
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((f"line {lineno}", json.loads(line)))
+                except json.JSONDecodeError as exc:
+                    raise InputFileError(f"facts file {path}, line {lineno}: not valid JSON ({exc.msg})") from None
+    facts = []
+    for where, data in items:
+        if not isinstance(data, Mapping):
+            raise InputFileError(f"facts file {path}, {where}: expected a JSON object, got {type(data).__name__}")
+        try:
+            facts.append(Fact.from_dict(data))
+        except RequestError as exc:
+            raise InputFileError(f"facts file {path}, {where}: {exc}") from None
+    return facts
 
 
 def builtin_facts() -> list[Fact]:

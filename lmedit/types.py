@@ -108,6 +108,10 @@ class EditRequest:
         unknown = set(data) - {"prompt", "subject", "target_new", "target_true", "case_id"}
         if unknown:
             raise RequestError(f"edit request has unknown field(s) {sorted(unknown)}")
+        for key in ("prompt", "subject", "target_new", "target_true"):
+            value = text(data.get(key))
+            if not (isinstance(value, str) or (key == "target_true" and value is None)):
+                raise RequestError(f"edit request field {key!r} must be a string, got {value!r}")
         prompt = data["prompt"]
         subject = data["subject"]
         if "{}" not in prompt and subject in prompt:
@@ -169,6 +173,9 @@ class EditDescriptor:
         unknown = set(data) - {"text", "input", "output"}
         if unknown:
             raise RequestError(f"edit descriptor has unknown field(s) {sorted(unknown)}; expected text, or input and output")
+        bad = {k: v for k, v in data.items() if not isinstance(v, str)}
+        if bad:
+            raise RequestError(f"edit descriptor field(s) must be strings, got {bad}")
         return cls(text=data.get("text"), input=data.get("input"), output=data.get("output"))
 
 

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny random models of each family (fast) and the real built-in models (slow, cached per session)."""
+"""Shared fixtures: tiny random models of each family (fast) and the real built-in models (slow, one per session).
+
+The tests never touch the user's lmedit cache: before anything is collected, `LMEDIT_CACHE` points at
+`$LMEDIT_TEST_CACHE` (default `~/.cache/lmedit-test`), where the converted built-in models and their key
+statistics stay between test runs (a fresh one costs a few minutes, once).
+"""
 
 from __future__ import annotations
 
@@ -60,3 +65,5 @@ def smollm():
 
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    test_cache = os.environ.get("LMEDIT_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmedit-test")
+    os.environ["LMEDIT_CACHE"] = test_cache

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
+
 from lmedit.cli._common import console
 from lmedit.cli._ledger import add_audit_args, add_ledger_arg, add_model_arg, describe, load_base, open_ledger, render_report
-from lmedit.ledger.plots import plot_report
 
 EPILOG = """examples:
   lmedit audit 1 --ledger ledgers/gemma                      # the latest stored report, and its plot
@@ -31,6 +32,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmedit.errors import LMEditError
+    from lmedit.ledger.plots import plot_report
+
     ledger = open_ledger(args)
     row = ledger.entry(args.id)
     if args.rerun:
@@ -40,14 +44,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         report = ledger.latest_report(args.id)
         if report is None:
-            raise FileNotFoundError(f"edit {args.id} has no stored audit; run `lmedit audit {args.id} --rerun`")
-    console.print(f"[bold]edit {row.id}[/] ({row.state}): {describe(row.requests)}")
+            raise LMEditError(f"edit {args.id} has no stored audit; run `lmedit audit {args.id} --rerun`")
+    console.print(f"[bold]edit {row.id}[/] ({escape(row.state)}): {escape(describe(row.requests))}")
     render_report(report, f"audit of edit {row.id}")
     if args.probes:
         for p in report.probes:
             console.print(f"  {p['group']:>17}  {p['before']:+7.2f} → {p['after']:+7.2f}  {p['prompt']} "
-                          f"[{p['target']} vs {p['foil']}]")
+                          f"[{p['target']} vs {p['foil']}]", markup=False, highlight=False)
     path = Path(args.plot) if args.plot else ledger.path / "audits" / f"edit-{row.id}.png"
     plot_report(report, path, title=f"edit {row.id}: {describe(row.requests)} — {report.verdict}")
-    console.print(f"plot written to {path}")
+    console.print(f"plot written to {escape(str(path))}")
     return 0

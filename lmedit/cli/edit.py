@@ -6,16 +6,17 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
-import lmedit
+import lmedit  # lazy: only type hints here
 from lmedit.cli._common import add_model_args, console, load_model, progress_reporter
 from lmedit.cli._ledger import add_audit_args, add_ledger_arg, open_ledger, record_edit
-from lmedit.editors import DEFAULT_METHOD, get_editor
-from lmedit.errors import RequestError
+from lmedit.defaults import DEFAULT_METHOD
+from lmedit.errors import InputFileError, MissingFileError, RequestError
 from lmedit.registry import editors
-from lmedit.scoring import generate, routed, score_targets
 from lmedit.types import EditDescriptor, EditRequest, request_from_dict
 
 EPILOG = """examples:
@@ -32,10 +33,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("edit", help="edit a fact in a model", epilog=EPILOG,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
-    p.add_argument("--method", default=DEFAULT_METHOD, help=f"editor (registered: {', '.join(editors.names())})")
+    p.add_argument("--method", default=DEFAULT_METHOD,
+                   help=f"editor (default: {DEFAULT_METHOD}; the registered ones: `lmedit ls editors`)")
     p.add_argument("--config", help="YAML file of the method's settings (configs/<method>/<model>.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config field")
-    p.add_argument("--request", help="JSON object or JSONL file of requests {prompt, subject, target_new, target_true}")
+    p.add_argument("--request", metavar="FILE",
+                   help="JSON object, JSON list or JSONL file of requests {prompt, subject, target_new, target_true}; "
+                        "CounterFact records (ROME or EasyEdit layout) and descriptors {text} / {input, output} too")
     p.add_argument("--prompt", help="prompt template with {} for the subject")
     p.add_argument("--subject")
     p.add_argument("--target-new")
@@ -58,7 +62,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run)
 
 
+# Keys of lmedit's own request and descriptor objects; a record with other keys may be a CounterFact record.
+_OWN_KEYS = {"prompt", "subject", "target_new", "target_true", "case_id", "text", "input", "output"}
+
+
+def _file_records(path: Path) -> list[tuple[str, Any]]:
+    """(where, record) for each record of a JSON object, JSON list or JSON-lines file; `where` names the record.
+
+    Raises:
+        MissingFileError: no such file.
+        InputFileError: unreadable, a directory, empty, or not JSON (the line is named).
+    """
+    if not path.exists():
+        raise MissingFileError(f"request file {path} does not exist")
+    if path.is_dir():
+        raise InputFileError(f"request file {path} is a directory, expected a JSON or JSONL file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise InputFileError(f"request file {path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
+    if not text.strip():
+        raise InputFileError(f"request file {path} is empty")
+    if path.suffix != ".jsonl":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            if exc.msg != "Extra data":  # "Extra data": one JSON value per line, read below
+                raise InputFileError(f"request file {path} is not valid JSON: line {exc.lineno}, column {exc.colno}: "
+                                     f"{exc.msg}") from None
+        else:
+            if isinstance(data, list):
+                return [(f"record {i}", record) for i, record in enumerate(data, 1)]
+            if isinstance(data, dict):
+                return [("record 1", data)]
+            raise InputFileError(f"request file {path} holds a JSON {type(data).__name__}; expected an object, "
+                                 f"a list of objects, or one object per line")
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append((f"record {len(records) + 1} (line {lineno})", json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise InputFileError(f"request file {path}, line {lineno}: not valid JSON ({exc.msg}, column {exc.colno}); "
+                                 f"expected one JSON object per line") from None
+    return records
+
+
+def _request(record: Any) -> EditRequest | EditDescriptor:
+    """lmedit's own request/descriptor objects, or a CounterFact record (ROME or EasyEdit layout)."""
+    if isinstance(record, dict) and not set(record) <= _OWN_KEYS:
+        from lmedit.eval.datasets.counterfact import is_counterfact_record, request_from_record
+
+        if is_counterfact_record(record):
+            return request_from_record(record)
+    return request_from_dict(record)
+
+
 def read_requests(args: argparse.Namespace) -> list[EditRequest | EditDescriptor]:
+    """The edits `lmedit edit` was asked for: --descriptor, --request FILE, or --prompt/--subject/--target-new.
+
+    `--request` reads a JSON object, a JSON list or JSON lines of lmedit requests ({prompt, subject,
+    target_new, target_true}) or descriptors ({text} or {input, output}), or CounterFact records in either
+    layout `lmedit eval` reads (ROME's requested_rewrite, EasyEdit's prompt/ground_truth/...).
+
+    Raises:
+        RequestError: conflicting flags, or a record that is not a valid request (file and record named).
+        InputFileError: a request file that is missing, unreadable or not JSON.
+    """
     if args.descriptor_output and not args.descriptor:
         raise RequestError("--descriptor-output needs --descriptor (the input it answers)")
     if args.descriptor:
@@ -70,21 +141,13 @@ def read_requests(args: argparse.Namespace) -> list[EditRequest | EditDescriptor
     if args.request:
         if any([args.prompt, args.subject, args.target_new, args.target_true]):
             raise RequestError("give either --request FILE or --prompt/--subject/--target-new, not both")
-        path = Path(args.request)
-        if not path.exists():
-            raise FileNotFoundError(f"request file {path} does not exist")
-        text = path.read_text()
-        if path.suffix == ".jsonl":
-            records = [(i, json.loads(line)) for i, line in enumerate(text.splitlines(), 1) if line.strip()]
-        else:
-            data = json.loads(text)
-            records = list(enumerate(data if isinstance(data, list) else [data], 1))
+        path = Path(args.request).expanduser()
         requests: list[EditRequest | EditDescriptor] = []
-        for i, record in records:
+        for where, record in _file_records(path):
             try:
-                requests.append(request_from_dict(record))
+                requests.append(_request(record))
             except RequestError as exc:
-                raise RequestError(f"{path}, record {i}: {exc}") from None
+                raise RequestError(f"{path}, {where}: {exc}") from None
         if not requests:
             raise RequestError(f"{path} holds no requests")
         return requests
@@ -112,6 +175,8 @@ def _probe(lm: lmedit.LM, requests: list[EditRequest | EditDescriptor],
 
 
 def _probability(lm: lmedit.LM, prompts: list[str], targets: list[str | None]) -> list[float | None]:
+    from lmedit.scoring import score_targets
+
     wanted = [i for i, t in enumerate(targets) if t]
     scores = score_targets(lm, [prompts[i] for i in wanted], [targets[i] for i in wanted]) if wanted else []  # type: ignore[misc]
     found = {i: math.exp(s.logprob) for i, s in zip(wanted, scores)}
@@ -130,13 +195,20 @@ def _p(value: float | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    requests = read_requests(args)
+    requests = read_requests(args)  # before the library loads: a bad request file is reported at once
+    from lmedit.editors import get_editor
+    from lmedit.scoring import generate, routed
+    from lmedit.settings import describe, resolve_editor
+
+    # Settings are checked before the model loads (a typo costs no load), then chosen for the loaded model.
     editor = get_editor(args.method, args.config, args.set)
     if any(isinstance(r, EditDescriptor) for r in requests) and not editor.accepts_descriptors:
         able = [n for n in editors.names() if editors.get(n).accepts_descriptors]
         raise RequestError(f"--method {args.method} edits (prompt, subject, target) triplets only; edit descriptors "
                            f"need an editor that accepts them: {', '.join(able)}")
     lm = load_model(args)
+    editor, _ = resolve_editor(args.method, lm, args.config, args.set)
+    console.print(describe(editor, lm), markup=False, highlight=False)
     ledger = open_ledger(args) if args.ledger else None
     if ledger is not None:
         ledger.apply(lm)  # the new edit is made on top of the ledger's applied edits
@@ -146,7 +218,6 @@ def run(args: argparse.Namespace) -> int:
     prompts = [p for p, _, _ in rows]
     before = _scores(lm, rows)
     gen_before = generate(lm, prompts, max_new_tokens=args.max_new_tokens)
-    console.print(f"editing with {args.method} ...")
     with progress_reporter() as report:
         editor.progress = report
         result = editor.edit(lm, requests)
@@ -160,16 +231,16 @@ def run(args: argparse.Namespace) -> int:
     # Inputs a wrapper edit claims (e.g. in an edit's scope) are marked: the model now reads them differently.
     claimed = [r != p for r, p in zip(routed(lm, prompts), prompts)]
 
-    table = Table(title=f"{args.method} edit on {lm.name}")
+    table = Table(title=escape(f"{args.method} edit on {lm.name}"))
     for col in ("prompt", "target", "P before", "P after", "generation before", "generation after"):
         table.add_column(col, overflow="fold")
     for (prompt, new, true), (nb, tb), (na, ta), g0, g1, c in zip(rows, before, after, gen_before, gen_after, claimed):
-        table.add_row(prompt + (" (in edit scope)" if c else ""), f"new: {new}" if new else "—", _p(nb), _p(na),
-                      g0.strip(), g1.strip())
+        table.add_row(escape(prompt) + (" (in edit scope)" if c else ""), escape(f"new: {new}") if new else "—",
+                      _p(nb), _p(na), escape(g0.strip()), escape(g1.strip()))
         if true:
-            table.add_row("", f"true: {true}", _p(tb), _p(ta), "", "")
+            table.add_row("", escape(f"true: {true}"), _p(tb), _p(ta), "", "")
     console.print(table)
     if args.save_edit:
         path = result.save(args.save_edit)
-        console.print(f"edit saved to {path} (apply with `lmedit generate --edit {path} ...`)")
+        console.print(f"edit saved to {path} (apply with `lmedit generate --edit {path} ...`)", markup=False)
     return 0

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-import lmedit
+import lmedit  # lazy: the library loads when a command runs
 from lmedit.cli._common import add_model_args, console, load_model
-from lmedit.eval import EvalConfig, ProgressEvent
-from lmedit.eval.report import write_report
-from lmedit.registry import datasets, editors
+from lmedit.errors import LMEditError
+
+if TYPE_CHECKING:
+    from lmedit.eval import ProgressEvent
 
 EPILOG = """examples:
   lmedit eval --method rome --dataset counterfact --data ../shared/data/counterfact/easyedit_format/counterfact-edit.json --limit 100
@@ -32,8 +35,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(p)
     p.add_argument("--method", action="append", default=[],
-                   help=f"editor to evaluate; repeat to compare (registered: {', '.join(editors.names())})")
-    p.add_argument("--dataset", default="starter", help=f"registered dataset ({', '.join(datasets.names())})")
+                   help="editor to evaluate; repeat to compare (registered: `lmedit ls editors`)")
+    p.add_argument("--dataset", default="starter",
+                   help="registered dataset (default: starter; the registered ones: `lmedit ls datasets`)")
     p.add_argument("--data", help="dataset file or URL (default: the dataset's packaged or cached file)")
     p.add_argument("--limit", type=int, help="evaluate the first N valid records")
     p.add_argument("--mode", choices=("single", "batch", "sequential"), default="single")
@@ -43,8 +47,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--disabling-rise", type=float, default=0.1, metavar="NATS",
                    help="sequential: flag an edit that raises the probe-text loss by more than NATS per token")
     p.add_argument("--refuse-disabling", action="store_true", help="sequential: undo and skip flagged edits")
-    p.add_argument("--generation", type=int, default=0, metavar="TOKENS",
-                   help="generate TOKENS per generation prompt for fluency/consistency (default 0: off)")
+    p.add_argument("--generation", type=int, default=16, metavar="TOKENS",
+                   help="tokens generated from each edit prompt, paraphrase and generation prompt for fluency, "
+                        "derailment and consistency (default 16; 0: off)")
     p.add_argument("--config", help="YAML file of the method's settings (one --method only)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one method config field")
     p.add_argument("--out", help="output directory (default: runs/eval-<dataset>)")
@@ -68,37 +73,41 @@ def _print_table(summaries: list[dict]) -> None:
     shown = [n for n in HEADLINE if any(s["edited"]["metrics"].get(n, {}).get("n") for s in summaries)]
     for name in shown:
         meta = first["metrics"][name]
-        table.add_column(f"{meta['label']} {'↑' if meta['higher_is_better'] else '↓'}")
+        table.add_column(escape(f"{meta['label']} {'↑' if meta['higher_is_better'] else '↓'}"))
 
     def cell(stats: dict) -> str:
         return "–" if not stats or stats.get("mean") is None else f"{stats['mean']:.3f} [{stats['lo']:.2f}, {stats['hi']:.2f}]"
 
     rows = [("unedited", first["unedited"])] + [(s["run"]["method"], s["edited"]) for s in summaries]
     for label, state in rows:
-        table.add_row(label, cell(state["score"]), *[cell(state["metrics"].get(n, {})) for n in shown])
+        table.add_row(escape(str(label)), cell(state["score"]), *[cell(state["metrics"].get(n, {})) for n in shown])
     console.print(table)
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmedit.eval import EvalConfig
+    from lmedit.eval.report import write_report
+
     out = Path(args.out or f"runs/eval-{args.dataset}")
     if args.report_only:
         paths = write_report(args.report_only, out)
-        console.print(f"report: {paths['markdown']}  {paths['html']}")
+        console.print(f"report: {paths['markdown']}  {paths['html']}", markup=False)
         return 0
     if not args.method:
-        console.print("[red]error:[/] give at least one --method (see `lmedit ls editors`)")
-        return 2
+        raise LMEditError("give at least one --method (see `lmedit ls editors`)")
     if (args.config or args.set) and len(args.method) > 1:
-        console.print("[red]error:[/] --config/--set apply to one --method; run the methods separately")
-        return 2
+        raise LMEditError("--config/--set apply to one --method; run the methods separately")
     config = EvalConfig(mode=args.mode, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                         n_drift=args.n_drift, generation_tokens=args.generation, strict=args.strict,
                         disabling_rise=args.disabling_rise, refuse_disabling=args.refuse_disabling)
+    from lmedit.settings import describe, resolve_editor
+
     lm = load_model(args)
     dataset = lmedit.eval.load_dataset(args.dataset, args.data, strict=args.strict)
     run_dirs, summaries = [], []
     for method in args.method:
-        editor = lmedit.editors.get_editor(method, args.config, args.set or None)
+        editor, _ = resolve_editor(method, lm, args.config, args.set or None)
+        console.print(describe(editor, lm), markup=False, highlight=False)
         run_dir = out / f"{method}-{args.mode}"
         with _bar() as bar:
             task = bar.add_task(f"{method}", total=None)
@@ -112,9 +121,10 @@ def run(args: argparse.Namespace) -> int:
         summaries.append(result.summary)
         skipped = result.summary["skipped"]
         if skipped["count"]:
-            console.print(f"{method}: skipped {skipped['count']} record(s): {skipped['by_reason']} (see {run_dir}/skipped.jsonl)")
+            console.print(f"{method}: skipped {skipped['count']} record(s): {skipped['by_reason']} (see {run_dir}/skipped.jsonl)",
+                          markup=False)
     _print_table(summaries)
     paths = write_report(run_dirs + [Path(p) for p in args.compare], out)
-    console.print(f"records: {', '.join(str(d / 'records.jsonl') for d in run_dirs)}")
-    console.print(f"report:  {paths['markdown']}  {paths['html']}  plots: {out / 'plots'}")
+    console.print(f"records: {', '.join(str(d / 'records.jsonl') for d in run_dirs)}", markup=False)
+    console.print(f"report:  {paths['markdown']}  {paths['html']}  plots: {out / 'plots'}", markup=False)
     return 0

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
+
 from lmedit.cli._common import console
 from lmedit.cli._ledger import add_ledger_arg, add_model_arg, load_base, open_ledger
 
@@ -24,13 +26,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmedit.errors import LMEditError
+
     ledger = open_ledger(args)
     if ledger.base_fingerprint is None:
-        raise FileNotFoundError(f"the ledger {ledger.path} holds no edits to export")
+        raise LMEditError(f"the ledger {ledger.path} holds no edits to export")
     lm = load_base(args, ledger)
-    with console.status(f"writing {args.dir} ..."):
+    with console.status(f"writing {escape(str(args.dir))} ..."):
         out = ledger.export_model(lm, args.dir, overwrite=args.overwrite)
     size = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
     console.print(f"wrote {out} ({size / 1e6:,.1f} MB): {lm.name} + {len(ledger.applied_ids())} edit(s) "
-                  f"{ledger.applied_ids()}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+                  f"{ledger.applied_ids()}; load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})",
+                  markup=False)
     return 0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from rich.markup import escape
+
 from lmedit.cli._common import add_model_args, console, load_model
-from lmedit.editors.base import load_edit
-from lmedit.scoring import generate
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -24,10 +24,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lmedit.editors.base import load_edit
+    from lmedit.scoring import generate
+
+    edit = load_edit(args.edit) if args.edit else None  # a bad --edit file fails before the model loads
     lm = load_model(args)
-    if args.edit:
-        load_edit(args.edit).apply(lm)
+    if edit is not None:
+        edit.apply(lm)
     outputs = generate(lm, args.prompts, max_new_tokens=args.max_new_tokens, greedy=not args.sample, seed=args.seed)
     for prompt, text in zip(args.prompts, outputs):
-        console.print(f"[bold]{prompt}[/]{text}")
+        console.print(f"[bold]{escape(prompt)}[/]{escape(text)}", highlight=False)
     return 0

@@ -6,11 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from rich.markup import escape
 from rich.table import Table
 
 from lmedit.cli._common import add_model_args, console, load_model, progress_reporter
 from lmedit.errors import RequestError
-from lmedit.neurons import find_knowledge_neurons
 
 EPILOG = """examples:
   lmedit neurons "The Eiffel Tower is located in the city of" --subject "The Eiffel Tower" --target Paris
@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
     prompts = [_fill(p, args.subject) for p in [args.prompt, *args.paraphrase]]
     if args.prefixes < 0:
         raise RequestError(f"--prefixes must be >= 0, got {args.prefixes}")
+    from lmedit.neurons import find_knowledge_neurons
+
     lm = load_model(args)
     if args.prefixes:
         from lmedit.editors._value import context_prefixes
@@ -78,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
     selected = set(result.neurons)
     first = result.attributions[0]
-    table = Table(title=f"{lm.name}: P({first.target_token.strip()!r}) attributed over {len(prompts)} prompt(s)")
+    table = Table(title=escape(f"{lm.name}: P({first.target_token.strip()!r}) attributed over {len(prompts)} prompt(s)"))
     for column in ("rank", "layer", "neuron", "attribution", "prompts", "activation", "knowledge neuron"):
         table.add_column(column, justify="right" if column != "knowledge neuron" else "center")
     for rank, row in enumerate(result.table(result.top(args.top)), 1):
@@ -87,8 +89,8 @@ def run(args: argparse.Namespace) -> int:
                       "✓" if (row["layer"], row["index"]) in selected else "")
     console.print(table)
     probs = ", ".join(f"{a.prob:.3f}" for a in result.attributions)
-    console.print(f"P({first.target_token.strip()!r}) per prompt: {probs}")
+    console.print(f"P({first.target_token.strip()!r}) per prompt: {probs}", markup=False)
     console.print(f"{len(result.neurons)} knowledge neuron(s) (t = {args.threshold}, p = {args.share}): "
                   + (", ".join(f"L{layer}.{index}" for layer, index in result.neurons) or "none"))
-    console.print(f"wrote {json_path}, {png_path}")
+    console.print(f"wrote {json_path}, {png_path}", markup=False)
     return 0

@@ -1,19 +1,30 @@
 """`lmedit trace`: causal tracing of a fact (heatmaps + JSON), severing, patching from another prompt,
-averages over many facts, and the layer suggestion the editors use for `layer="auto"`."""
+averages over many facts, and the layer suggestion the editors use for `layer="auto"`.
+
+A single trace writes its files under `--out` named after the prompt: `<slug>-<hash>_<kind>.json/.png/.svg`,
+where the slug is the prompt's first words and the hash (8 hex digits) covers the model, prompt, subject,
+answer, source prompt and the tracing settings, so traces of different facts or settings never overwrite
+each other and re-running the same trace replaces its own files.
+"""
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import re
 from pathlib import Path
 
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-import lmedit
+import lmedit  # lazy: the library loads when a command runs
 from lmedit.cli._common import add_model_args, console, load_model
 from lmedit.errors import RequestError
-from lmedit.tracing import KINDS, average_trace, load_facts, plot_severing, suggest_layer, trace_kinds
+
+# `lmedit.tracing.KINDS`, spelled out so that `--help` needs no torch (tests/unit/test_cli_errors.py checks they agree).
+KINDS = ("resid", "mlp", "attn")
 
 EPILOG = """examples:
   lmedit trace "The Space Needle is in downtown" --subject "The Space Needle"
@@ -71,21 +82,39 @@ def _tracker(progress: Progress, description: str):
     return update
 
 
+def file_stem(args: argparse.Namespace, model: str) -> str:
+    """`<slug>-<hash>`: the prompt's first words, and 8 hex digits of everything that makes this trace differ."""
+    slug = re.sub(r"[^a-z0-9]+", "-", args.prompt.lower()).strip("-")[:40].rstrip("-") or "trace"
+    key = {"model": model, "prompt": args.prompt, "subject": args.subject, "answer": args.answer,
+           "source_prompt": args.source_prompt, "source_answer": args.source_answer, "samples": args.samples or 10,
+           "noise": args.noise, "window": args.window, "seed": args.seed}
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{slug}-{digest}"
+
+
 def run(args: argparse.Namespace) -> int:
     if not (args.suggest_layer or args.average) and (args.prompt is None or args.subject is None):
         raise RequestError("give a PROMPT and --subject (or use --average FILE / --suggest-layer)")
+    from lmedit.tracing import load_facts
+
+    # Fact files are read before the model loads: a mistake in one is reported at once.
+    facts = load_facts(args.facts) if args.suggest_layer and args.facts else None
+    if args.average and not args.suggest_layer:
+        facts = load_facts(args.average)
     lm = load_model(args)
     args.out.mkdir(parents=True, exist_ok=True)
     if args.suggest_layer:
-        return _suggest(lm, args)
+        return _suggest(lm, args, facts)
     if args.average:
-        return _average(lm, args)
+        return _average(lm, args, facts or [])
     return _single(lm, args)
 
 
 def _single(lm, args: argparse.Namespace) -> int:
+    from lmedit.tracing import plot_severing, trace_kinds
+
     settings = dict(samples=args.samples or 10, noise=args.noise, window=args.window, seed=args.seed)
-    prefix = "source_" if args.source_prompt else ""
+    stem = file_stem(args, lm.name) + ("_source" if args.source_prompt else "")
     with _progress() as progress:
         results = trace_kinds(
             lm, args.prompt, args.subject, args.answer, kinds=args.kind, source_prompt=args.source_prompt,
@@ -95,32 +124,34 @@ def _single(lm, args: argparse.Namespace) -> int:
             for kind in ("mlp", "attn"):
                 severed[kind] = lmedit.trace(lm, args.prompt, args.subject, args.answer, kind="resid", sever=kind,
                                              progress=_tracker(progress, f"severing {kind}"), **settings)
-    table = Table(title=f"{lm.name}: {args.prompt!r} -> {next(iter(results.values())).answer_token!r}")
+    table = Table(title=escape(f"{lm.name}: {args.prompt!r} -> {next(iter(results.values())).answer_token!r}"))
     for column in ("kind", "clean p", "corrupted p", "peak (token, layer)", "peak p", "files"):
         table.add_column(column)
     for kind, result in results.items():
         grid = result.grid.nan_to_num(nan=-1.0)
         token, layer = divmod(int(grid.argmax()), grid.shape[1])
-        json_path = result.save(args.out / f"{prefix}{kind}.json")
-        pictures = result.plot(args.out / f"{prefix}{kind}")
+        json_path = result.save(args.out / f"{stem}_{kind}.json")
+        pictures = result.plot(args.out / f"{stem}_{kind}")
         table.add_row(kind, f"{result.clean_prob:.3f}", f"{result.corrupted_prob:.3f}",
-                      f"{result.tokens[token]!r} ({token}), {layer}", f"{grid.max().item():.3f}",
-                      ", ".join(str(p) for p in [json_path, *pictures]))
+                      escape(f"{result.tokens[token]!r} ({token}), {layer}"), f"{grid.max().item():.3f}",
+                      escape(", ".join(str(p) for p in [json_path, *pictures])))
     console.print(table)
     first = next(iter(results.values()))
     if first.answer_n_tokens > 1:
-        console.print(f"note: the answer has {first.answer_n_tokens} tokens; P({first.answer_token!r}) was traced")
+        console.print(f"note: the answer has {first.answer_n_tokens} tokens; P({first.answer_token!r}) was traced",
+                      markup=False)
     if severed:
         for kind, result in severed.items():
-            result.save(args.out / f"resid_sever_{kind}.json")
+            result.save(args.out / f"{stem}_resid_sever_{kind}.json")
         plain = results.get("resid") or lmedit.trace(lm, args.prompt, args.subject, args.answer, **settings)
-        paths = plot_severing(plain, severed, args.out / "sever")
-        console.print(f"severing plot: {', '.join(str(p) for p in paths)}")
+        paths = plot_severing(plain, severed, args.out / f"{stem}_sever")
+        console.print(f"severing plot: {', '.join(str(p) for p in paths)}", markup=False)
     return 0
 
 
-def _average(lm, args: argparse.Namespace) -> int:
-    facts = load_facts(args.average)
+def _average(lm, args: argparse.Namespace, facts: list) -> int:
+    from lmedit.tracing import average_trace
+
     with _progress() as progress:
         result = average_trace(lm, facts, kinds=args.kind, samples=args.samples or 10, noise=args.noise,
                                               window=args.window, seed=args.seed,
@@ -128,12 +159,13 @@ def _average(lm, args: argparse.Namespace) -> int:
     json_path = result.save(args.out / f"average_{lm.name.replace('/', '_')}.json")
     pictures = result.plot(json_path.with_suffix(""))
     console.print(f"{result.n_known} of {result.n_given} facts known by {lm.name} and traced; "
-                  f"wrote {json_path}, {', '.join(str(p) for p in pictures)}")
+                  f"wrote {json_path}, {', '.join(str(p) for p in pictures)}", markup=False)
     return 0
 
 
-def _suggest(lm, args: argparse.Namespace) -> int:
-    facts = load_facts(args.facts) if args.facts else None
+def _suggest(lm, args: argparse.Namespace, facts: list | None) -> int:
+    from lmedit.tracing import suggest_layer
+
     samples = args.samples or 5
     with _progress() as progress:
         suggestion = suggest_layer(lm, facts, samples=samples, noise=args.noise, window=args.window, seed=args.seed,
@@ -141,8 +173,8 @@ def _suggest(lm, args: argparse.Namespace) -> int:
     path = args.out / f"suggest_layer_{lm.name.replace('/', '_')}.json"
     path.write_text(json.dumps(suggestion.to_dict(), indent=1))
     curve = "  ".join(f"{i}:{v:.3f}" for i, v in enumerate(suggestion.curve))
-    console.print(f"suggested layer for {lm.name}: [bold]{suggestion.layer}[/] "
+    console.print(f"suggested layer for {escape(lm.name)}: [bold]{suggestion.layer}[/] "
                   f"(MLP effect at the last subject token over {suggestion.n_facts} facts, window {suggestion.window})")
     console.print(f"curve: {curve}")
-    console.print(f"evidence: {path}")
+    console.print(f"evidence: {path}", markup=False)
     return 0

@@ -5,21 +5,23 @@ Each editor module registers its class in `lmedit.registry.editors` under its ow
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmedit.config import from_dict, load_config
+from lmedit.defaults import DEFAULT_METHOD  # the method used when none is named (named once there)
 from lmedit.editors import alphaedit, ft, ft_l, kn, memit, mend, noop, rome, serac  # noqa: F401  (each registers itself under its module name)
 from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
+from lmedit.models.load import as_lm
 from lmedit.registry import editors
 from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
 
-# The method `lmedit edit` and `lmedit.edit` use when none is named: the one place that names a default.
-DEFAULT_METHOD = "rome"
+log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "WrapperEdit", "edit",
            "get_editor", "load_edit"]
@@ -40,6 +42,10 @@ def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path |
             key, _, value = item.partition("=")
             merged[key] = value
         return cls(from_dict(config_class, merged))
+    if config is not None:
+        from lmedit.settings import config_path
+
+        config = config_path(config)
     return cls(load_config(config_class, config, overrides))
 
 
@@ -53,15 +59,21 @@ def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest |
         requests: one request or several (methods that take one at a time apply them in sequence);
             `EditDescriptor`s only for editors that accept them (`Editor.accepts_descriptors`).
         method: a registered editor name (`lmedit ls editors`).
-        config: the editor's config object, a dict, or a YAML path; defaults to the method's defaults.
+        config: the editor's config object, a dict, or a YAML path; default: the settings lmedit ships for
+            this model and method (`lmedit.settings`), else the method's defaults (with a logged warning).
         apply: apply the edit before returning it (undo with `edit.undo()`).
 
     Returns:
         The `Edit`, applied when `apply` is True.
     """
+    lm = as_lm(lm)  # a bare transformers model: an error that says how to wrap it
     if isinstance(requests, EditRequest | EditDescriptor):
         requests = [requests]
-    result = get_editor(method, config).edit(lm, list(requests))
+    from lmedit.settings import describe, resolve_editor
+
+    editor, _ = resolve_editor(method, lm, config)
+    log.info("%s", describe(editor, lm))
+    result = editor.edit(lm, list(requests))
     if apply:
         result.apply(lm)
     return result

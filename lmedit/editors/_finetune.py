@@ -33,7 +33,7 @@ from torch import nn
 from lmedit.config import to_dict
 from lmedit.editors._value import context_prefixes
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
-from lmedit.errors import EditFailedError
+from lmedit.errors import ConfigError, EditFailedError
 from lmedit.models.arch import WeightName
 from lmedit.scoring import logits_at
 from lmedit.tokens import pad_batch, prompt_ids, target_ids
@@ -169,7 +169,7 @@ def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,
     n_layers = lm.n_layers
     bad = [layer for layer in config.layers if layer >= n_layers]
     if bad:
-        raise ValueError(f"{type(config).__name__}.layers={list(config.layers)}: layer(s) {bad} out of range, "
+        raise ConfigError(f"{type(config).__name__}.layers={list(config.layers)}: layer(s) {bad} out of range, "
                          f"{lm.name!r} has {n_layers} layers (0..{n_layers - 1})")
     names = [lm.arch.param_name(lm.model, layer, config.module) for layer in config.layers]  # type: ignore[arg-type]
     lengths = [(n, c) for n, c in ((5, config.prefixes_short), (10, config.prefixes_long)) if c > 0]

@@ -28,7 +28,7 @@ import torch
 
 from lmedit.editors._value import ValueOptions, ValueResult, optimize_values, prefixed_templates
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
-from lmedit.errors import EditFailedError
+from lmedit.errors import ConfigError, EditFailedError
 from lmedit.stats import CorpusSpec
 from lmedit.hooks import capture
 from lmedit.tokens import pad_batch, prompt_ids, subject_span
@@ -83,22 +83,19 @@ class MassEditConfig(EditorConfig):
         return ((10, self.prefixes),) if self.prefixes else ()
 
 
-def default_layers(lm: LM, span: int = 4) -> tuple[int, ...]:
-    """`span` consecutive layers ending at the causal-tracing suggestion (MEMIT's critical MLP range)."""
-    from lmedit.tracing import suggest_layer
-
-    last = suggest_layer(lm).layer
+def default_layers(lm: LM, last: int, span: int = 4) -> tuple[int, ...]:
+    """`span` consecutive layers ending at `last`, the causal-tracing suggestion (MEMIT's critical MLP range)."""
     return tuple(range(max(0, last - span + 1), last + 1))
 
 
 def check_layers(lm: LM, layers: Sequence[int], owner: str) -> tuple[int, ...]:
     layers = tuple(layers)
     if not layers:
-        raise ValueError(f"{owner}.layers must name at least one layer")
+        raise ConfigError(f"{owner}.layers must name at least one layer")
     if list(layers) != sorted(set(layers)):
-        raise ValueError(f"{owner}.layers must be distinct and ascending, got {list(layers)}")
+        raise ConfigError(f"{owner}.layers must be distinct and ascending, got {list(layers)}")
     if layers[-1] >= lm.n_layers:
-        raise ValueError(f"{owner}.layers includes {layers[-1]} but the model has {lm.n_layers} layers")
+        raise ConfigError(f"{owner}.layers includes {layers[-1]} but the model has {lm.n_layers} layers")
     return layers
 
 

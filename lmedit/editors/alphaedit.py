@@ -112,7 +112,7 @@ class AlphaEditEditor(Editor[AlphaEditConfig]):
         """One AlphaEdit update for all `requests`, preserving the corpus keys and the applied edits' keys."""
         requests = check_requests(requests)
         cfg = self.config
-        layers = check_layers(lm, cfg.layers if cfg.layers is not None else default_layers(lm), "AlphaEditConfig")
+        layers = check_layers(lm, cfg.layers if cfg.layers is not None else default_layers(lm, self.suggested_layer(lm)), "AlphaEditConfig")
         torch.manual_seed(cfg.seed)
         Cs = key_second_moment(lm, list(layers), self.config.corpus_spec(), cache=self.cache, progress=self.progress)
         Ps = {layer: self.projection(lm, layer, Cs[layer]) for layer in layers}

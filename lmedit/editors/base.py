@@ -2,8 +2,8 @@
 
 An edit is data: it can be applied to a model, undone bit-exactly, saved and loaded. Editors compute
 an edit without touching the weights; `Edit.apply()` writes them only after every new value is finite,
-so a failed edit leaves the model bit-identical. The harness, ledger, CLI and web app handle edit
-*kinds* and never name a method.
+so a failed edit leaves the model bit-identical. The harness, ledger, CLI and any front end handle
+edit *kinds* and never name a method.
 
 Kinds implemented here: `WeightEdit` (per-parameter deltas, low-rank factors kept when the method
 produces them) and `WrapperEdit` (changes what the model computes for some inputs, weights untouched).
@@ -21,6 +21,7 @@ With no wrapper applied it returns the prompts unchanged and costs nothing. Toke
 from __future__ import annotations
 
 import json
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -31,11 +32,13 @@ from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, run
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmedit.errors import EditFailedError, LMEditError, RequestError
+from lmedit.errors import EditFailedError, LMEditError, MissingFileError, RequestError
 from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
@@ -61,6 +64,18 @@ class Editor(ABC, Generic[C]):
         self.config: C = config if config is not None else self.config_class()  # type: ignore[assignment]
         # Long preparatory work (statistics, sampling) reports here as (phase, done, total); the CLI sets it.
         self.progress: Callable[[str, int, int], None] | None = None
+        # Where the settings came from (shipped for a model, a file, defaults): set by `lmedit.settings`.
+        self.settings_source: str = ""
+
+    def suggested_layer(self, lm: LM) -> int:
+        """The layer causal tracing suggests for `lm` (cached per model), reporting progress while it traces."""
+        from lmedit.tracing import suggest_layer
+
+        report = self.progress
+        log.warning("no layer configured for %s: choosing one by causal tracing (a few minutes once, then cached)",
+                    lm.name)
+        progress = (lambda done, total: report("choosing the layer by causal tracing", done, total)) if report else None
+        return suggest_layer(lm, progress=progress).layer
 
     @abstractmethod
     def edit(self, lm: LM, requests: Sequence[EditRequest]) -> Edit:
@@ -252,7 +267,7 @@ class WeightEdit(Edit):
 
         path = Path(path)
         if not path.exists():
-            raise FileNotFoundError(f"no edit file at {path}")
+            raise MissingFileError(f"no edit file at {path}")
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         if meta.get("format") != "lmedit.weight_edit":
@@ -414,7 +429,7 @@ def _file_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
 
     if not path.exists():
-        raise FileNotFoundError(f"no edit file at {path}")
+        raise MissingFileError(f"no edit file at {path}")
     try:
         with safe_open(str(path), framework="pt") as f:
             return dict(f.metadata() or {})

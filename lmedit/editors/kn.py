@@ -54,7 +54,7 @@ import torch
 from lmedit.config import to_dict
 from lmedit.editors._value import context_prefixes
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
-from lmedit.errors import EditFailedError
+from lmedit.errors import ConfigError, EditFailedError
 from lmedit.neurons import KnowledgeNeurons, Neuron, attribute, find_knowledge_neurons, refine
 from lmedit.registry import editors
 from lmedit.stats import StatsCache
@@ -197,7 +197,7 @@ class KnEditor(Editor[KnConfig]):
         c = self.config
         bad = [layer for layer in c.layers if layer >= lm.n_layers]
         if bad:
-            raise ValueError(f"KnConfig.layers {bad} are out of range: the model has {lm.n_layers} layers")
+            raise ConfigError(f"KnConfig.layers {bad} are out of range: the model has {lm.n_layers} layers")
         torch.manual_seed(c.seed)
         new_ids, old_ids = [], []
         for r in requests:

@@ -67,7 +67,7 @@ class MemitEditor(Editor[MemitConfig]):
         self.cache = cache if cache is not None else StatsCache()
 
     def layers_for(self, lm: LM) -> tuple[int, ...]:
-        layers = self.config.layers if self.config.layers is not None else default_layers(lm)
+        layers = self.config.layers if self.config.layers is not None else default_layers(lm, self.suggested_layer(lm))
         return check_layers(lm, layers, "MemitConfig")
 
     def covariances(self, lm: LM, layers: Sequence[int]) -> dict[int, torch.Tensor]:

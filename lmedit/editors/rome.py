@@ -29,7 +29,7 @@ import torch
 from lmedit.config import to_dict
 from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value, subject_keys
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
-from lmedit.errors import EditFailedError
+from lmedit.errors import ConfigError, EditFailedError
 from lmedit.registry import editors
 from lmedit.stats import CorpusSpec, StatsCache, key_second_moment
 from lmedit.types import EditRequest
@@ -105,11 +105,9 @@ class RomeEditor(Editor[RomeConfig]):
     def layer_for(self, lm: LM) -> int:
         if self.config.layer is not None:
             if self.config.layer >= lm.n_layers:
-                raise ValueError(f"RomeConfig.layer={self.config.layer} but the model has {lm.n_layers} layers")
+                raise ConfigError(f"RomeConfig.layer={self.config.layer} but the model has {lm.n_layers} layers")
             return self.config.layer
-        from lmedit.tracing import suggest_layer
-
-        return suggest_layer(lm).layer
+        return self.suggested_layer(lm)
 
     def covariance(self, lm: LM, layer: int) -> torch.Tensor:
         spec = CorpusSpec(source=self.config.corpus, n_tokens=self.config.corpus_tokens, seed=self.config.seed)

@@ -4,10 +4,12 @@
     lm = lmedit.load("gemma3-270m")
     result = lmedit.evaluate(lm, "starter", method, limit=10, out_dir="runs/starter")  # method: `lmedit ls editors`
     result.summary["edited"]["metrics"]["efficacy_score"]   # {"mean", "lo", "hi", "n"}
+    result.to_pandas()                                       # one row per record, scalar columns (needs pandas)
 
 Definitions: docs/evaluation.md. Modules: `datasets/` (registry of loaders), `records` (EvalRecord,
 Probe), `measure` (batched scoring), `metrics` (registered metrics), `summary` (bootstrap intervals,
-harmonic-mean score), `harness` (single/batch/sequential loop), `report` and `plots`.
+harmonic-mean score), `harness` (single/batch/sequential loop), `frame` (rows as a DataFrame),
+`report` and `plots`.
 """
 
 from lmedit.eval.datasets import Dataset, DatasetError, load_dataset

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from lmedit.editors import Edit, Editor, EditorConfig, get_editor, load_edit
+from lmedit.editors import Edit, Editor, EditorConfig, load_edit
 from lmedit.errors import LMEditError
 from lmedit.eval.datasets import Dataset, DatasetError, load_dataset
 from lmedit.eval.health import health_row, probe_loss
@@ -43,9 +43,13 @@ from lmedit.eval.metrics import MetricInputs, compute_metrics, drop_dists, metri
 from lmedit.eval.records import EvalRecord
 from lmedit.eval.summary import curves, summarize_rows
 from lmedit.eval.text import Tfidf
+from lmedit.models.load import as_lm
 from lmedit.registry import editors
+from lmedit.settings import resolve_editor
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from lmedit.models.load import LM
 
 log = logging.getLogger(__name__)
@@ -62,7 +66,8 @@ class EvalConfig:
     batch_size: int = 10           # batch mode: records edited together
     checkpoint_every: int = 0      # sequential: re-measure every k edits; 0 picks ~10 checkpoints
     n_drift: int = 20              # sequential: records not edited, re-measured at checkpoints for drift
-    generation_tokens: int = 0     # > 0: generate this many tokens per generation prompt (fluency, consistency)
+    generation_tokens: int = 16    # > 0: tokens generated from the edit prompt, paraphrases and generation prompts
+                                   # (fluency, derailment, consistency); 0: no generation
     score_batch_size: int = 32     # sequences per forward when scoring
     n_bootstrap: int = 1000        # bootstrap resamples for the 95% intervals
     seed: int = 0                  # bootstrap seed
@@ -104,6 +109,20 @@ class EvalResult:
     rows: list[dict[str, Any]]
     out_dir: Path | None = None
     skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_pandas(self) -> pd.DataFrame:
+        """The per-record rows as a DataFrame: one row per record (per record and checkpoint in sequential
+        mode), one column per scalar field, nested fields as dotted names (`edited.efficacy_score`).
+
+        Vectors such as ROME's `v_star`, loss curves and generated texts are left out (rules:
+        `lmedit.eval.frame`); `rows` keeps everything.
+
+        Raises:
+            MissingDependencyError: pandas is not installed (`pip install pandas`).
+        """
+        from lmedit.eval.frame import rows_to_frame
+
+        return rows_to_frame(self.rows)
 
 
 class _Progress:
@@ -183,12 +202,14 @@ def _row(record: EvalRecord, pre: Measurement, post: Measurement, tfidf: Tfidf, 
     return row
 
 
-def _resolve_editor(method: str | Editor, editor_config: EditorConfig | dict[str, Any] | str | Path | None) -> tuple[Editor, str]:
+def _resolve_editor(lm: LM, method: str | Editor,
+                    editor_config: EditorConfig | dict[str, Any] | str | Path | None) -> tuple[Editor, str]:
     if isinstance(method, Editor):
         # Label the run with the editor's registry key when it has one (found by class, not by name).
         name = next((n for n in editors.names() if editors.get(n) is type(method)), type(method).__name__)
         return method, name
-    return get_editor(method, editor_config), method
+    editor, _ = resolve_editor(method, lm, editor_config)
+    return editor, method
 
 
 def _resolve_dataset(dataset: str | Dataset | Sequence[EvalRecord], data_path: str | Path | None, strict: bool) -> Dataset:
@@ -212,7 +233,8 @@ def evaluate(lm: LM, dataset: str | Dataset | Sequence[EvalRecord], method: str 
         method: a registered editor name, or an `Editor` instance.
         data_path: file or URL for a dataset given by name (default: its packaged/cached file).
         limit: evaluate only the first `limit` valid records.
-        editor_config: the editor's config (object, dict or YAML path); default: the method's defaults.
+        editor_config: the editor's config (object, dict or YAML path); default: the settings lmedit ships
+            for this model and method (`lmedit.settings`), else the method's defaults.
         config: an `EvalConfig`; keyword `overrides` (e.g. `mode="sequential"`) replace its fields.
         out_dir: write records.jsonl, summary.json and run.json here (None: keep in memory only).
         resume: continue an interrupted run in `out_dir`, skipping finished records/checkpoints.
@@ -224,11 +246,13 @@ def evaluate(lm: LM, dataset: str | Dataset | Sequence[EvalRecord], method: str 
     Raises:
         DatasetError: invalid records in strict mode, or a dataset file that cannot be read.
         LMEditError: `out_dir` holds a different run, or results without `resume`.
+        NotAnLMError: `lm` is a bare transformers model (wrap it with `lmedit.LM.from_hf`).
     """
+    lm = as_lm(lm)
     config = config or EvalConfig()
     if overrides:
         config = EvalConfig(**{**asdict(config), **overrides})
-    editor, method_name = _resolve_editor(method, editor_config)
+    editor, method_name = _resolve_editor(lm, method, editor_config)
     data = _resolve_dataset(dataset, data_path, config.strict)
     skipped: list[dict[str, Any]] = [{"reason": "invalid_record", **i.to_dict()} for i in data.issues]
 
@@ -260,7 +284,8 @@ def evaluate(lm: LM, dataset: str | Dataset | Sequence[EvalRecord], method: str 
            "batch_size": config.batch_size if config.mode == "batch" else None,
            "checkpoint_every": config.checkpoint_every if config.mode == "sequential" else None,
            "generation_tokens": config.generation_tokens,
-           "editor_config": asdict(editor.config) if hasattr(editor.config, "__dataclass_fields__") else None}
+           "editor_config": asdict(editor.config) if hasattr(editor.config, "__dataclass_fields__") else None,
+           "settings": getattr(editor, "settings_source", "")}
     out = Path(out_dir) if out_dir is not None else None
     previous: list[dict[str, Any]] = []
     if out is not None:
@@ -286,7 +311,7 @@ def _prepare_out(out: Path, run: dict[str, Any], resume: bool) -> list[dict[str,
     if resume and run_file.exists():
         before = json.loads(run_file.read_text(encoding="utf-8"))
         # Growing --limit extends a single/batch run (records are a prefix); sequential checkpoints depend on it.
-        free = {"editor_config"} | ({"limit", "n_records"} if run["mode"] != "sequential" else set())
+        free = {"editor_config", "settings"} | ({"limit", "n_records"} if run["mode"] != "sequential" else set())
         differ = [k for k in run if k not in free and before.get(k) != run[k]]
         if before.get("editor_config") != json.loads(json.dumps(run["editor_config"], default=str)):
             differ.append("editor_config")
@@ -350,7 +375,7 @@ def _post_with_kl(lm: LM, records: Sequence[EvalRecord], pres: Sequence[Measurem
         with _suspended(lm, edits):
             pre_dists = measure_dists(lm, part, batch_size=config.score_batch_size)
         for record, pre, post, dists in zip(part, pres[start:start + chunk], posts, pre_dists):
-            pre = Measurement(scores=pre.scores, dists=dists, generations=pre.generations)
+            pre = Measurement(scores=pre.scores, dists=dists, generations=pre.generations, never_text=pre.never_text)
             rows.append(_row(record, pre, post, tfidf, **extra))
     return rows
 

@@ -22,7 +22,7 @@ import torch
 
 from lmedit.errors import RequestError
 from lmedit.eval.records import EvalRecord, Probe
-from lmedit.scoring import generate, logits_at, routed
+from lmedit.scoring import generate_detailed, logits_at, routed
 from lmedit.tokens import pad_batch, prompt_ids, subject_span, target_ids
 
 if TYPE_CHECKING:
@@ -60,6 +60,7 @@ class Measurement:
     scores: dict[str, ProbeScores]
     dists: dict[str, torch.Tensor] = field(default_factory=dict)
     generations: tuple[str, ...] = ()
+    never_text: tuple[float, ...] = ()  # per generation: the largest probability on never-text tokens at one step
 
 
 @dataclass(frozen=True)
@@ -155,16 +156,24 @@ def measure(lm: LM, records: Sequence[EvalRecord], *, keep_dists: bool = True, g
     for m, d in zip(out, dists):
         m.dists = {g: torch.stack(v) for g, v in d.items()}
     if generation_tokens > 0:
-        prompts = [p for record in records for p in record.generation_prompts]
-        texts: list[str] = []
+        per_record = [generation_prompts(record) for record in records]
+        prompts = [p for group in per_record for p in group]
+        made = []
         for start in range(0, len(prompts), 16):
-            texts += generate(lm, prompts[start:start + 16], max_new_tokens=generation_tokens, greedy=True)
+            made += generate_detailed(lm, prompts[start:start + 16], max_new_tokens=generation_tokens, greedy=True)
         k = 0
-        for m, record in zip(out, records):
-            n = len(record.generation_prompts)
-            m.generations = tuple(texts[k:k + n])
-            k += n
+        for m, group in zip(out, per_record):
+            m.generations = tuple(g.text for g in made[k:k + len(group)])
+            m.never_text = tuple(g.never_text_max for g in made[k:k + len(group)])
+            k += len(group)
     return out
+
+
+def generation_prompts(record: EvalRecord) -> tuple[str, ...]:
+    """What is generated from: the edit prompts and paraphrases (where an edit derails generation first,
+    docs/editors.md), then the record's own generation prompts about the subject (CounterFact's)."""
+    own = [r.text for r in record.requests] + [p.prompt for p in record.paraphrases]
+    return tuple(dict.fromkeys(own + list(record.generation_prompts)))
 
 
 def measure_dists(lm: LM, records: Sequence[EvalRecord], *, batch_size: int = 32) -> list[dict[str, torch.Tensor]]:

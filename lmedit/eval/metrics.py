@@ -239,6 +239,14 @@ def fluency(x: MetricInputs) -> float | None:
     return _mean([ngram_entropy(t) for t in x.post.generations]) if x.post.generations else None
 
 
+@register("derailment", "generation", False, "DR")
+def derailment(x: MetricInputs) -> float | None:
+    """Derailment (lmedit's own metric): the largest probability the model puts, at one generated step, on tokens a text model
+    must never emit (image/audio markers, padding, `<unusedN>`; suppressed in the text itself), in the record's
+    worst generation. The unedited Gemma 3 270M already puts 0.04-0.17 there at phrase ends (docs/editors.md)."""
+    return max(x.post.never_text) if x.post.never_text else None
+
+
 @register("consistency", "generation", True, "RS")
 def consistency(x: MetricInputs) -> float | None:
     """Reference score (RS): TF-IDF cosine between the generations about the subject and reference text about

@@ -6,7 +6,7 @@
   loud_facts       per record, neighborhood magnitude vs Specificity+ magnitude (arXiv:2305.17553): points
                    far below the diagonal are edits that leak into neighbours once the new fact is mentioned
 
-Not handled: interactive plots (the web app draws its own).
+Not handled: interactive plots (a front end draws its own from the records).
 """
 
 from __future__ import annotations

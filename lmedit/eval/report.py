@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lmedit.errors import MissingFileError
+
 FAMILY_TITLES = {"probability": "probability comparison (ROME/MEMIT)", "kl": "distribution drift (KL, nats)",
                  "token_accuracy": "teacher-forced token accuracy (EasyEdit/zsRE)", "generation": "generation"}
 
@@ -52,7 +54,7 @@ def load_run(path: str | Path) -> Run:
     path = Path(path)
     summary_file = path / "summary.json"
     if not summary_file.exists():
-        raise FileNotFoundError(f"{path} has no summary.json: not a finished evaluation run")
+        raise MissingFileError(f"{path} has no summary.json: not a finished evaluation run")
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
     rows_file = path / "records.jsonl"
     rows = [json.loads(line) for line in rows_file.read_text(encoding="utf-8").splitlines() if line.strip()] \

@@ -3,8 +3,10 @@
 Each check is one of the evaluation harness's metrics (`lmedit.eval.metrics`), computed by the harness's
 own measurement (`lmedit.eval.measure.measure`) on the probes `lmedit.ledger.probes` builds from the
 request, in two model states: the *reference* (the ledger's state before the edit when committing; the
-base model when re-auditing) and the *edited* state. Two checks are not harness metrics: the drop of
-generation entropy (the harness's `fluency`, reference minus edited) and the change of the mean
+base model when re-auditing) and the *edited* state. Generations start from the edit prompt, its
+paraphrases and a few fixed prompts. Three checks are not harness metrics: the drop of generation
+entropy (the harness's `fluency`, reference minus edited), the rise of the harness's `derailment`
+(probability on never-text tokens while generating), and the change of the mean
 per-token loss on a fixed English paragraph, which catches "disabling" edits (R-ROME, Gupta et al.
 2024, arXiv:2403.07175) that damage everything a little.
 
@@ -64,6 +66,11 @@ class AuditConfig:
     neighborhood_kl_refuse: float | None = 2.0
     fluency_drop_warn: float | None = 1.0
     fluency_drop_refuse: float | None = None
+    # Rise of the never-text probability at a generated step (lmedit.eval.metrics.derailment). The README's
+    # Eiffel Tower → Rome edit raises it on the edit prompt and its paraphrase from 0.13 to 0.42 (greedy
+    # generation then emits <start_of_image> forever); docs/editors.md, "Derailed generations".
+    derailment_rise_warn: float | None = 0.1
+    derailment_rise_refuse: float | None = None
     probe_loss_warn: float | None = 0.05
     probe_loss_refuse: float | None = 0.5
     generation_tokens: int = 16      # tokens generated per generation prompt (fluency); 0 skips fluency
@@ -112,6 +119,7 @@ CHECKS: tuple[Check, ...] = (
     Check("essence_drift", "essence_drift", False, "essence drift: KL on '{subject} is a' (nats)"),
     Check("neighborhood_kl", "neighborhood_kl", False, "neighbourhood KL (nats)"),
     Check("fluency_drop", None, False, "fluency drop: generation entropy lost (bits)"),
+    Check("derailment_rise", None, False, "derailment: rise of the never-text token probability in generations"),
     Check("probe_loss", None, False, "probe-text loss increase (nats/token)"),
 )
 
@@ -225,6 +233,9 @@ def _report(rows: Sequence[_Measured], losses: tuple[float, float], config: Audi
     derived: dict[str, tuple[float | None, float | None]] = {
         "fluency_drop": (None, None if fluency_ref is None or fluency_edited is None else fluency_ref - fluency_edited),
         "probe_loss": (None, losses[1] - losses[0]),
+        "derailment_rise": (metrics["reference"]["derailment"], None if metrics["reference"]["derailment"] is None
+                            or metrics["edited"]["derailment"] is None
+                            else metrics["edited"]["derailment"] - metrics["reference"]["derailment"]),
     }
     checks = {}
     for check in CHECKS:

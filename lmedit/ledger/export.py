@@ -23,6 +23,7 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from lmedit.errors import MissingFileError
 from lmedit.ledger.audit import AuditReport
 from lmedit.ledger.ledger import param_sha256
 from lmedit.ledger.store import LedgerError, file_sha256, now
@@ -82,7 +83,7 @@ def read_manifest(file: str | Path) -> dict[str, Any]:
     """The manifest of a patch file. Raises LedgerError for files that are not lmedit patch files."""
     file = Path(file)
     if not file.exists():
-        raise FileNotFoundError(f"no patch file at {file}")
+        raise MissingFileError(f"no patch file at {file}")
     try:
         with zipfile.ZipFile(file) as archive:
             manifest = json.loads(archive.read("manifest.json"))

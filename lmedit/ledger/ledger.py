@@ -35,11 +35,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmedit.config import to_dict
-from lmedit.editors import Edit, EditorConfig, get_editor, load_edit
+from lmedit.editors import Edit, EditorConfig, load_edit
 from lmedit.ledger.audit import AuditConfig, AuditReport, run_audit, unaudited_report
 from lmedit.ledger.probes import build_record, derive_foil, record_from_dict, record_to_dict
 from lmedit.ledger.store import EditRow, LedgerError, Store, file_sha256, now, path_size, test_pause
 from lmedit.models.load import weights_fingerprint
+from lmedit.settings import resolve_editor
 from lmedit.types import EditRequest, request_from_dict
 
 if TYPE_CHECKING:
@@ -274,7 +275,8 @@ class Ledger:
 
         requests = [requests] if isinstance(requests, EditRequest) else list(requests)
         self._ensure(lm, self.applied_ids())
-        made = get_editor(method or DEFAULT_METHOD, config).edit(lm, requests)
+        editor, _ = resolve_editor(method or DEFAULT_METHOD, lm, config)
+        made = editor.edit(lm, requests)
         return self.record(lm, made, force=force, paraphrases=paraphrases, neighbors=neighbors)
 
     def record(self, lm: LM, edit: Edit, *, force: bool = False, paraphrases: Sequence[str] = (),

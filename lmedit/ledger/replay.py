@@ -3,7 +3,8 @@
 A weight delta only means something for the weights it was computed on; a request ("The Eiffel Tower is
 located in the city of" -> Rome) means the same thing to any model. For each applied edit, in order,
 `replay` runs the same method on the other model with settings chosen for that model:
-  1. `configs/<method>/<model>.yaml` when it exists (e.g. configs/rome/smollm2-135m.yaml);
+  1. the settings lmedit ships for that model and method (`lmedit.settings`, by the model's identity), or
+     `<config_dir>/<method>/<model name>.yaml` when a `config_dir` is given and holds one;
   2. else the recorded config, with its `layer` field (when the method has one) set to the layer causal
      tracing suggests for the new model (`lmedit.tracing.suggest_layer`, cached per model).
 Each new edit goes through the audit gate of the receiving ledger (a new one for the other model, or a
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from lmedit.editors import get_editor
 from lmedit.errors import LMEditError
 from lmedit.registry import editors
+from lmedit.settings import shipped_settings
 from lmedit.types import request_from_dict
 
 if TYPE_CHECKING:
@@ -71,17 +73,16 @@ class ReplayResult:
         return [i for i in self.items if not i.carried_over]
 
 
-def default_config_dir() -> Path:
-    """`./configs` when it exists, else the configs/ folder of the lmedit source checkout."""
-    here = Path("configs")
-    return here if here.is_dir() else Path(__file__).resolve().parents[2] / "configs"
-
-
-def replay_settings(method: str, onto: LM, recorded: dict[str, Any], config_dir: Path) -> tuple[Any, str]:
+def replay_settings(method: str, onto: LM, recorded: dict[str, Any], config_dir: Path | None = None) -> tuple[Any, str]:
     """The config to edit `onto` with, and a line saying where it came from."""
-    path = config_dir / method / f"{Path(onto.name).name}.yaml"
-    if path.exists():
-        return path, str(path)
+    if config_dir is not None:
+        path = config_dir / method / f"{Path(onto.name).name}.yaml"
+        if path.exists():
+            return path, str(path)
+    else:
+        shipped, source = shipped_settings(method, onto)
+        if shipped is not None:
+            return shipped, source
     names = {f.name for f in dataclasses.fields(editors.get(method).config_class)}
     settings = {k: v for k, v in recorded.items() if k in names}
     if "layer" in names:
@@ -101,7 +102,7 @@ def replay(ledger: Ledger, onto: LM, *, into: str | Path | Ledger | None = None,
         onto: the other model, unedited; it ends as base + the carried-over edits when `into` is given,
             unedited otherwise.
         into: the ledger that receives the new edits (a path or `Ledger`); None: a temporary one.
-        config_dir: where `<method>/<model>.yaml` files are looked up (default: `default_config_dir()`).
+        config_dir: where `<method>/<model name>.yaml` files are looked up (default: the shipped settings).
         force: record edits the audit gate refuses.
 
     Returns:
@@ -109,7 +110,7 @@ def replay(ledger: Ledger, onto: LM, *, into: str | Path | Ledger | None = None,
     """
     from lmedit.ledger.ledger import Ledger
 
-    config_dir = Path(config_dir) if config_dir is not None else default_config_dir()
+    config_dir = Path(config_dir) if config_dir is not None else None
     scratch = None
     if into is None:
         scratch = tempfile.TemporaryDirectory(prefix="lmedit-replay-")

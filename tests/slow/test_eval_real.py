@@ -6,14 +6,14 @@ here; statistics cached after the first run).
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
 
 from lmedit.eval import evaluate, load_dataset
+from lmedit.settings import CONFIG_ROOT
 
-ROME_SETTINGS = str(Path(__file__).parents[2] / "configs" / "rome" / "gemma3-270m.yaml")
+ROME_SETTINGS = str(CONFIG_ROOT / "rome" / "gemma3-270m.yaml")
 
 
 @pytest.mark.slow

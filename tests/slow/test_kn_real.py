@@ -1,6 +1,5 @@
 """Knowledge neurons and the KN editor on the default model (Dai et al. 2021, arXiv:2104.08696). Slow: real weights."""
 
-from pathlib import Path
 
 import pytest
 
@@ -9,9 +8,10 @@ from lmedit.editors import get_editor
 from lmedit.neurons import find_knowledge_neurons
 from lmedit.scoring import score_targets
 from lmedit.stats import StatsCache
+from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
-CONFIG = Path(__file__).parents[2] / "configs" / "kn" / "gemma3-270m.yaml"
+CONFIG = CONFIG_ROOT / "kn" / "gemma3-270m.yaml"
 
 EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 

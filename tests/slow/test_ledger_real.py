@@ -8,7 +8,6 @@ back. The module-scoped fixture makes the edits once; each test takes one step f
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -16,9 +15,10 @@ import torch
 import lmedit
 from lmedit.cli.main import main
 from lmedit.ledger import Ledger
+from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).parents[2] / "configs" / "rome"
+CONFIGS = CONFIG_ROOT / "rome"
 FACTS = [("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
          ("{} is married to", "Barack Obama", "Hillary Clinton", "Michelle Obama"),
          ("The official language of {} is", "Brazil", "French", "Portuguese")]

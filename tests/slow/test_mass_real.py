@@ -1,6 +1,5 @@
 """MEMIT and AlphaEdit on the real default model with their gemma3-270m configs. Slow: real weights on CPU."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -9,9 +8,10 @@ from lmedit.editors import get_editor
 from lmedit.eval.datasets.starter import starter_requests
 from lmedit.scoring import score_targets
 from lmedit.types import EditRequest
+from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).parents[2] / "configs"
+CONFIGS = CONFIG_ROOT
 CASES = ("capital-0", "landmark_city-0", "official_language-0")  # France→Rome, Eiffel Tower→Rome, Brazil→French
 
 

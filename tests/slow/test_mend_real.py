@@ -12,10 +12,11 @@ from lmedit.editors.mend.config import MendConfig
 from lmedit.editors.mend.editor import MendEditor, gradient_pieces, request_rows
 from lmedit.eval.datasets import load_dataset
 from lmedit.tokens import prompt_ids, target_ids
+from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).parents[2]
-TRAIN = ROOT.parent / "shared" / "data" / "counterfact" / "easyedit_format" / "counterfact-train.json"
+TRAIN = ROOT / "tests" / "data" / "counterfact" / "easyedit-train-40.json"
 EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 
 
@@ -33,7 +34,7 @@ def test_smollm_train_three_steps_then_edit(smollm, tmp_path):
     # blocks, checkpoint metadata, editing through the checkpoint). docs/mend.md has the learning curves.
     assert TRAIN.exists(), f"the CounterFact train split is expected at {TRAIN}"
     records = load_dataset("counterfact", TRAIN, limit=40).records
-    config = load_config(MendConfig, ROOT / "configs" / "mend" / "smollm2-135m.yaml",
+    config = load_config(MendConfig, CONFIG_ROOT / "mend" / "smollm2-135m.yaml",
                          ["steps=3", "val_size=4", "val_every=3"])
     editor = MendEditor(config)
     summary = editor.fit(smollm, records, out_dir=tmp_path / "run")

@@ -1,6 +1,5 @@
 """ROME on the real built-in models (the issue's acceptance checks). Slow: real weights on CPU."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,9 +9,10 @@ from lmedit.editors import get_editor
 from lmedit.editors.base import WeightEdit
 from lmedit.scoring import score_targets
 from lmedit.tokens import subject_span, target_ids
+from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
-CONFIGS = Path(__file__).parents[2] / "configs" / "rome"
+CONFIGS = CONFIG_ROOT / "rome"
 
 EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 PROMPTS = ["The Eiffel Tower is located in the city of",        # the edit prompt

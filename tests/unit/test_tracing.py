@@ -309,10 +309,13 @@ def test_cli_writes_heatmaps_json_and_severing(tmp_path, model_dir):
     code = main(["trace", PROMPT, "--subject", SUBJECT, "--model", str(model_dir), "--samples", "2",
                  "--noise", "0.5", "--sever", "--out", str(out)])
     assert code == 0
+    # files are named <prompt slug>-<8 hex of prompt, subject, settings>_<kind>
+    (stem,) = {p.name.removesuffix("_resid.json") for p in out.glob("*_resid.json")}
+    assert stem.startswith("the-space-needle-is-in-downtown-") and len(stem.rsplit("-", 1)[1]) == 8
     for kind in ("resid", "mlp", "attn"):
-        assert TraceResult.load(out / f"{kind}.json").kind == kind
-        assert (out / f"{kind}.png").stat().st_size > 1000 and (out / f"{kind}.svg").stat().st_size > 1000
-    assert (out / "sever.png").stat().st_size > 1000
+        assert TraceResult.load(out / f"{stem}_{kind}.json").kind == kind
+        assert (out / f"{stem}_{kind}.png").stat().st_size > 1000 and (out / f"{stem}_{kind}.svg").stat().st_size > 1000
+    assert (out / f"{stem}_sever.png").stat().st_size > 1000
     assert main(["trace", PROMPT, "--subject", "Eiffel", "--model", str(model_dir), "--out", str(out)]) == 2
 
 
@@ -361,14 +364,15 @@ def test_cli_source_prompt(tmp_path, model_dir, capsys):
     code = main(["trace", PROMPT, "--subject", SUBJECT, "--source-prompt", source, "--kind", "resid", "mlp",
                  "--model", str(model_dir), "--out", str(out)])
     assert code == 0
+    (stem,) = {p.name.removesuffix("_resid.json") for p in out.glob("*_source_resid.json")}
     for kind in ("resid", "mlp"):
-        result = TraceResult.load(out / f"source_{kind}.json")
+        result = TraceResult.load(out / f"{stem}_{kind}.json")
         assert result.source_prompt == source and result.samples == 1 and result.noise == 0.0
-        assert all((out / f"source_{kind}{suffix}").stat().st_size > 1000 for suffix in (".png", ".svg"))
-    resid = TraceResult.load(out / "source_resid.json")
+        assert all((out / f"{stem}_{kind}{suffix}").stat().st_size > 1000 for suffix in (".png", ".svg"))
+    resid = TraceResult.load(out / f"{stem}_resid.json")
     # the last token's last-layer state decides the output: patching it gives the source's probability
     assert math.isclose(resid.scores[-1][-1], resid.clean_prob, rel_tol=1e-5)
-    assert not (out / "attn.json").exists() and not (out / "source_attn.json").exists()
+    assert not list(out.glob("*attn*"))
     assert "corrupted p" in capsys.readouterr().out
     assert main(["trace", PROMPT, "--subject", SUBJECT, "--source-prompt", "   ", "--model", str(model_dir),
                  "--out", str(out)]) == 2
@@ -407,7 +411,7 @@ def test_cli_suggest_layer(tmp_path, model_dir, capsys, monkeypatch):
     assert 0 <= first["layer"] < 4 and len(first["curve"]) == 4 and first["n_facts"] == 2
     assert first["curve"][first["layer"]] == max(first["curve"])
     printed = capsys.readouterr().out
-    assert f"suggested layer for" in printed and "curve:" in printed
+    assert "suggested layer for" in printed and "curve:" in printed
     assert len(list((tmp_path / "cache" / "tracing").rglob("suggest_layer-*.json"))) == 1
 
     # the second run reads the cache; --no-cache recomputes

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmedit.editors.base import EditorConfig
+from lmedit.errors import ConfigError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +74,8 @@ class MendConfig(EditorConfig):
         for layer in self.layers:
             absolute = layer + n_layers if layer < 0 else layer
             if not 0 <= absolute < n_layers:
-                raise ValueError(f"MendConfig.layers entry {layer} is out of range for a model with {n_layers} layers")
+                raise ConfigError(f"MendConfig.layers entry {layer} is out of range for a model with {n_layers} layers")
             out.append(absolute)
         if len(set(out)) != len(out):
-            raise ValueError(f"MendConfig.layers {self.layers} name the same block twice on a {n_layers}-layer model")
+            raise ConfigError(f"MendConfig.layers {self.layers} name the same block twice on a {n_layers}-layer model")
         return tuple(sorted(out))

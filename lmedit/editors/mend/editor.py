@@ -322,7 +322,7 @@ class MendEditor(Editor[MendConfig]):
 
         Raises:
             LMEditError: no checkpoint and `allow_untrained` is off; the checkpoint was trained on other weights.
-            FileNotFoundError: the checkpoint path holds no network.
+            MissingFileError: (a FileNotFoundError) the checkpoint path holds no network.
         """
         if self.config.checkpoint is None:
             if not self.config.allow_untrained:

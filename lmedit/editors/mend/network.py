@@ -32,7 +32,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from lmedit.errors import LMEditError
+from lmedit.errors import LMEditError, MissingFileError
 
 FORMAT = "lmedit.mend"
 FORMAT_VERSION = 1
@@ -197,7 +197,7 @@ def network_file(path: str | Path) -> Path:
     file = path / WEIGHTS_FILE if path.is_dir() else path
     if not file.exists():
         hint = " (train one with `lmedit train mend ... --out DIR`)" if not path.exists() else ""
-        raise FileNotFoundError(f"no MEND network at {file}{hint}")
+        raise MissingFileError(f"no MEND network at {file}{hint}")
     return file
 
 

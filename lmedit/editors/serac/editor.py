@@ -9,8 +9,9 @@ implicit descriptors such as "Topic: singing in the shower. Sentiment: positive"
 
 `fit(lm, records)` trains the scope classifier's projection head on an edit dataset's in-scope and
 out-of-scope inputs (see `scope.py`); `save_scope(path)` writes it as safetensors with the encoder,
-config, held-out accuracies and the base model's fingerprint; `scope_path` in the config loads it and
-refuses a model with another fingerprint.
+config, held-out accuracies and the base model's fingerprint (`fit(..., out_dir=DIR)`, what `lmedit train
+serac --out DIR` runs, writes DIR/scope.safetensors); `scope_path` in the config loads it and refuses a
+model with another fingerprint.
 
 Not handled: the paper's trained counterfactual model and cross-encoder classifier (see memory.py,
 scope.py); `fit` uses no GPU (the head trains on frozen embeddings in seconds).
@@ -19,12 +20,12 @@ scope.py); `fit` uses no GPU (the head trains on frozen embeddings in seconds).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from lmedit.config import to_dict
-from lmedit.editors.base import Editor
+from lmedit.editors.base import Editor, TrainEvent
 from lmedit.editors.serac.config import SeracConfig
 from lmedit.editors.serac.memory import MemoryEntry, SeracEdit
 from lmedit.editors.serac.scope import (ScopeHead, SentenceEncoder, edit_statement, examples_from_records, load_encoder,
@@ -97,30 +98,53 @@ class SeracEditor(Editor[SeracConfig]):
                          method="serac", config=to_dict(self.config),
                          info={"n_entries": len(entries), "scope": "trained" if head.projection is not None else "cosine"})
 
-    def fit(self, lm: LM, train: Sequence[EvalRecord], *, held_out: Sequence[EvalRecord] = ()) -> dict[str, Any]:
+    def fit(self, lm: LM, train: Sequence[EvalRecord], *, held_out: Sequence[EvalRecord] = (),
+            out_dir: str | Path | None = None, exclude: Sequence[EvalRecord] = (),
+            progress: Callable[[TrainEvent], None] | None = None) -> dict[str, Any]:
         """Train the scope head on records' in-scope/out-of-scope inputs; report pair accuracies.
+
+        The head trains on frozen sentence embeddings in seconds, so there is nothing to resume.
 
         Args:
             lm: the model the head is for (its fingerprint is saved with the head).
             train: edit records (CounterFact/zsRE train splits): prompt + paraphrases in scope, neighbours out.
             held_out: records to report accuracy on (the cosine baseline is reported beside it).
+            out_dir: write the trained head there as `scope.safetensors` (use it with `scope_path`).
+            exclude: records whose subjects must not be trained on (the evaluation set).
+            progress: called with a `TrainEvent` (step, total, loss) after every step.
 
         Returns:
-            {"train": accuracies, "held_out": accuracies, "held_out_cosine": accuracies, "n_train": ...}.
+            {"train": accuracies, "held_out": accuracies, "held_out_cosine": accuracies, "n_train": ...,
+            "steps": ...}; with held-out records also "initial" (cosine) and "final" (trained) held-out
+            accuracies; with `out_dir` also "network" (the head's path) and "setting" (`scope_path=...`).
         """
         c = self.config
-        examples = examples_from_records(train)
+        banned = {r.subject.strip().lower() for rec in exclude for r in rec.requests if isinstance(r, EditRequest)}
+        kept = [rec for rec in train
+                if not any(isinstance(r, EditRequest) and r.subject.strip().lower() in banned for r in rec.requests)]
+        examples = examples_from_records(kept)
+
+        def step(done: int, total: int, loss: float) -> None:
+            if progress is not None:
+                progress(TrainEvent(done, total, {"loss": loss}))
+
         head = train_head(self.encoder, examples, steps=c.train_steps, lr=c.train_lr, batch_edits=c.train_batch_edits,
                           projection_dim=c.projection_dim, view=c.scope_input,
-                          include_prefixed=c.train_prefixed_negatives, seed=c.seed)
-        report: dict[str, Any] = {"n_train": len(examples), "train": scope_accuracy(head, self.encoder, examples, seed=c.seed)}
+                          include_prefixed=c.train_prefixed_negatives, seed=c.seed, progress=step)
+        report: dict[str, Any] = {"n_train": len(examples), "n_excluded": len(train) - len(kept), "steps": c.train_steps,
+                                  "train": scope_accuracy(head, self.encoder, examples, seed=c.seed)}
         if held_out:
             test = examples_from_records(held_out)
             report["n_held_out"] = len(test)
             report["held_out"] = scope_accuracy(head, self.encoder, test, seed=c.seed)
             report["held_out_cosine"] = scope_accuracy(ScopeHead.cosine(c.threshold, c.scope_input), self.encoder, test,
                                                        seed=c.seed)
+            report["initial"], report["final"] = report["held_out_cosine"], report["held_out"]
         self._head, self._head_fingerprint, self.fit_report = head, lm.fingerprint, report
+        if out_dir is not None:
+            path = self.save_scope(Path(out_dir) / "scope.safetensors")
+            report["network"] = str(path)
+            report["setting"] = f"scope_path={path}"
         return report
 
     def save_scope(self, path: str | Path) -> Path:

@@ -30,7 +30,7 @@ import random
 import re
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from lmedit.errors import LMEditError
+from lmedit.errors import LMEditError, MissingFileError
 from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
@@ -340,13 +340,14 @@ def calibrate_threshold(encoder: SentenceEncoder, examples: Sequence[ScopeExampl
 
 def train_head(encoder: SentenceEncoder, examples: Sequence[ScopeExample], *, steps: int, lr: float,
                batch_edits: int, projection_dim: int, view: str = "whole", include_prefixed: bool = True,
-               seed: int = 0) -> ScopeHead:
+               seed: int = 0, progress: Callable[[int, int, float], None] | None = None) -> ScopeHead:
     """Train a projection head with BCE on in-batch (edit, input) pairs, then calibrate its bias.
 
     Each step samples `batch_edits` edits; every input of those edits is scored against every edit in the
     batch (positives: an in-scope input with its own edit; everything else negative, so other edits'
     inputs are easy negatives and neighbours/Specificity+ inputs hard ones). Positives are up-weighted to
     balance the classes. Afterwards the bias is set to the balanced-accuracy optimum on the training pairs.
+    `progress(step, steps, loss)` is called after every step.
     """
     if len(examples) < 2:
         raise LMEditError(f"training a scope head needs at least 2 edit examples, got {len(examples)}")
@@ -379,6 +380,8 @@ def train_head(encoder: SentenceEncoder, examples: Sequence[ScopeExample], *, st
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
             log.info("scope head step %d/%d: loss %.4f", step + 1, steps, loss.item())
+        if progress is not None:
+            progress(step + 1, steps, loss.item())
     head.requires_grad_(False)
     cut = _calibrate(_pair_logits(head, pairs, seed))
     with torch.no_grad():
@@ -410,7 +413,7 @@ def load_head(path: str | Path, *, fingerprint: str | None = None, encoder: str 
 
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"no SERAC scope head at {path}")
+        raise MissingFileError(f"no SERAC scope head at {path}")
     with safe_open(str(path), framework="pt") as f:
         meta = dict(f.metadata() or {})
     if meta.get("format") != SCOPE_FORMAT:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmedit.errors import LMEditError, RequestError
+from lmedit.errors import LMEditError, MissingFileError, RequestError
 from lmedit.models.load import cache_dir
 from lmedit.types import EditRequest
 
@@ -90,15 +90,17 @@ def resolve(source: str | Path | None, *, name: str, filename: str | None, url: 
     """The local file for a dataset: an explicit path or URL, else `$LMEDIT_DATA/<filename>`, the cache, the URL.
 
     Raises:
-        FileNotFoundError: an explicit path that does not exist.
-        DatasetError: nothing given and no default is reachable.
+        MissingFileError: (a `FileNotFoundError`) an explicit path that does not exist.
+        DatasetError: an explicit path that is a directory; nothing given and no default is reachable.
     """
     if source is not None:
         if is_url(source):
             return fetch(str(source))
         path = Path(source).expanduser()
         if not path.exists():
-            raise FileNotFoundError(f"dataset file {path} does not exist")
+            raise MissingFileError(f"dataset file {path} does not exist")
+        if path.is_dir():
+            raise DatasetError(f"dataset file {path} is a directory; pass the JSON or JSONL file with --data")
         return path
     candidates = []
     if filename:
@@ -119,7 +121,10 @@ def read_records(path: Path) -> Iterator[tuple[int, Any]]:
     Raises:
         DatasetError: invalid JSON (with file and line) or a top-level value that is not a list.
     """
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DatasetError(f"{path} cannot be read ({getattr(exc, 'strerror', None) or exc})") from None
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

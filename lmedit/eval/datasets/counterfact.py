@@ -10,6 +10,9 @@ Neighbourhood prompts share target_true, so each is a probe target_true vs targe
 for consistency: ROME's attribute prompts (other subjects whose object is target_new) completed with
 target_new, since the attribute snippets file is not distributed with the records.
 
+`request_from_record(record)` reads just the edit request of one record (either layout): `lmedit edit
+--request FILE` takes CounterFact files through it.
+
 Not handled: ROME's Wikipedia attribute snippets and IDF file (consistency uses the IDF of the run).
 """
 
@@ -18,9 +21,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from lmedit.errors import RequestError
 from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
+from lmedit.types import EditRequest
 
 ROME_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 MEMIT_URL = "https://memit.baulab.info/data/dsets/multi_counterfact.json"
@@ -34,7 +39,7 @@ def _strings(issues: Issues, index: int, case_id: Any, record: dict[str, Any], k
     return value
 
 
-def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
+def _rome_request(issues: Issues, index: int, raw: dict[str, Any]) -> EditRequest | None:
     case_id = raw.get("case_id")
     rewrite = raw["requested_rewrite"]
     if not isinstance(rewrite, dict):
@@ -45,8 +50,13 @@ def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalR
         issues.add(index, case_id, f"requested_rewrite.{missing[0]}", f"missing (also missing: {missing[1:]})"
                    if len(missing) > 1 else "missing")
         return None
-    request = make_request(issues, index, case_id, "requested_rewrite", rewrite["prompt"], rewrite["subject"],
-                           text_of(rewrite["target_new"]), text_of(rewrite["target_true"]))
+    return make_request(issues, index, case_id, "requested_rewrite", rewrite["prompt"], rewrite["subject"],
+                        text_of(rewrite["target_new"]), text_of(rewrite["target_true"]))
+
+
+def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
+    case_id = raw.get("case_id")
+    request = _rome_request(issues, index, raw)
     if request is None:
         return None
     lists = {k: _strings(issues, index, case_id, raw, k)
@@ -61,19 +71,24 @@ def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalR
         neighborhood=tuple(Probe(p, true, new) for p in lists["neighborhood_prompts"]),  # type: ignore[arg-type]
         generation_prompts=tuple(lists["generation_prompts"]),  # type: ignore[arg-type]
         reference_texts=tuple(f"{p} {new}." for p in lists["attribute_prompts"]),  # type: ignore[union-attr]
-        relation=rewrite.get("relation_id"),
+        relation=raw["requested_rewrite"].get("relation_id"),
         source=source,
     )
 
 
-def _easyedit(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
+def _easyedit_request(issues: Issues, index: int, raw: dict[str, Any]) -> EditRequest | None:
     case_id = raw.get("case_id")
     missing = require(raw, ("prompt", "subject", "target_new", "ground_truth"))
     if missing:
         issues.add(index, case_id, missing[0], "missing" if len(missing) == 1 else f"missing (also {missing[1:]})")
         return None
-    request = make_request(issues, index, case_id, "", raw["prompt"], raw["subject"], text_of(raw["target_new"]),
-                           text_of(raw["ground_truth"]))
+    return make_request(issues, index, case_id, "", raw["prompt"], raw["subject"], text_of(raw["target_new"]),
+                        text_of(raw["ground_truth"]))
+
+
+def _easyedit(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
+    case_id = raw.get("case_id")
+    request = _easyedit_request(issues, index, raw)
     if request is None:
         return None
     paraphrases, neighborhood = [], []
@@ -87,6 +102,33 @@ def _easyedit(issues: Issues, index: int, raw: dict[str, Any], source: str) -> E
         neighborhood.append(Probe(raw["locality_prompt"], answer.strip(), request.target_new))
     return EvalRecord(case_id=str(case_id), requests=(request,), paraphrases=tuple(paraphrases),
                       neighborhood=tuple(neighborhood), source=source)
+
+
+# Keys only the EasyEdit layout has (its prompt, subject and target_new are shared with lmedit's request format).
+EASYEDIT_KEYS = ("ground_truth", "rephrase_prompt", "locality_prompt", "locality_ground_truth")
+
+
+def is_counterfact_record(record: Any) -> bool:
+    """Whether `record` is in one of CounterFact's layouts (ROME's `requested_rewrite`, or EasyEdit's keys)."""
+    return isinstance(record, dict) and ("requested_rewrite" in record or any(k in record for k in EASYEDIT_KEYS))
+
+
+def request_from_record(record: Any) -> EditRequest:
+    """The edit request of one CounterFact record, ROME or EasyEdit layout (EasyEdit's filled prompt gets its `{}`).
+
+    Raises:
+        RequestError: not a CounterFact record, or one whose fields make no request (the field is named).
+    """
+    if not is_counterfact_record(record):
+        keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+        raise RequestError(f"not a CounterFact record: neither the ROME layout (requested_rewrite) nor the EasyEdit "
+                           f"layout (prompt, subject, target_new, ground_truth); got {keys}")
+    issues = Issues("")
+    request = (_rome_request if "requested_rewrite" in record else _easyedit_request)(issues, 0, record)
+    if request is None:
+        issue = issues.items[0]
+        raise RequestError(f"field {issue.field!r}: {issue.message}")
+    return request
 
 
 def load_counterfact(path: Path, issues: Issues) -> list[EvalRecord]:

@@ -16,6 +16,7 @@ from lmedit.eval.records import EvalRecord, Probe
 from lmedit.scoring import next_token_logprobs
 from lmedit.testing import tiny_lm
 from lmedit.tokens import prompt_ids, target_ids
+from lmedit.settings import CONFIG_ROOT
 
 REQUESTS = [lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris"),
             lmedit.EditRequest("{} plays the sport of", "Michael Jordan", "soccer", "basketball")]
@@ -115,7 +116,7 @@ def test_config_validation_and_layers():
         MendConfig(layers=(1, 1))
     with pytest.raises(ValueError, match="batch_size"):
         MendConfig(batch_size=0)
-    cfg = load_config(MendConfig, "configs/mend/gemma3-270m.yaml", ["checkpoint=runs/x"])
+    cfg = load_config(MendConfig, CONFIG_ROOT / "mend" / "gemma3-270m.yaml", ["checkpoint=runs/x"])
     assert cfg.layers == (-3, -2, -1) and cfg.checkpoint == "runs/x"
 
 

@@ -14,7 +14,7 @@ from lmedit.testing import tiny_lm
 from lmedit.tokens import target_ids
 from lmedit.types import EditRequest
 
-SHARED_DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data"
+TEST_DATA = Path(__file__).resolve().parents[2] / "data"  # samples with provenance: tests/data/README.md
 TEST_EDITOR = "test_unembed"
 
 
@@ -57,10 +57,8 @@ if TEST_EDITOR not in editors:
 
 
 @pytest.fixture
-def shared_data() -> Path:
-    # CI lays shared/ beside the checkout; without it these loader tests cannot say anything, so they fail.
-    assert SHARED_DATA.exists(), f"public benchmark samples not found at {SHARED_DATA}"
-    return SHARED_DATA
+def test_data() -> Path:
+    return TEST_DATA
 
 
 @pytest.fixture

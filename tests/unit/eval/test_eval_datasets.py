@@ -1,4 +1,4 @@
-"""Dataset loaders on the public samples in ../shared/data and on malformed files."""
+"""Dataset loaders on the public samples in tests/data and on malformed files."""
 
 from __future__ import annotations
 
@@ -31,8 +31,8 @@ def test_registry_lists_every_dataset():
     assert {"counterfact", "multi_counterfact", "zsre", "mquake", "starter"} <= set(datasets.names())
 
 
-def test_counterfact_rome_layout_sample(shared_data):
-    ds = load_dataset("counterfact", shared_data / "counterfact/rome_format_samples/most_orthogonal.json")
+def test_counterfact_rome_layout_sample(test_data):
+    ds = load_dataset("counterfact", test_data / "counterfact/most_orthogonal.json")
     assert len(ds) == 10 and not ds.issues
     r = ds.records[0]
     assert r.case_id == "4088" and r.requests[0].subject == "Ferdinand de Saussure"
@@ -43,34 +43,25 @@ def test_counterfact_rome_layout_sample(shared_data):
     assert plus.startswith("Ferdinand de Saussure, a citizen of Belgium. ") and plus.endswith(r.neighborhood[0].prompt)
 
 
-def test_counterfact_easyedit_layout_sample(shared_data):
-    ds = load_dataset("counterfact", shared_data / "counterfact/easyedit_format/counterfact-val.json", limit=50)
+def test_counterfact_easyedit_layout_sample(test_data):
+    ds = load_dataset("counterfact", test_data / "counterfact/easyedit-val-50.json", limit=50)
     assert len(ds) == 50 and not ds.issues
     r = ds.records[0]
     assert "{}" in r.requests[0].prompt and r.requests[0].text.count(r.requests[0].subject) >= 1
     assert len(r.paraphrases) == 1 and len(r.neighborhood) == 1 and r.generation_prompts == ()
 
 
-def test_easyedit_splits_cover_all_case_ids(shared_data):
-    ids = set()
-    for split in ("train", "val", "edit"):
-        ds = load_dataset("counterfact", shared_data / f"counterfact/easyedit_format/counterfact-{split}.json")
-        ids |= {int(r.case_id) for r in ds.records}
-    assert ids == set(range(21919))
-
-
-def test_zsre_sample(shared_data):
-    ds = load_dataset("zsre", shared_data / "zsre/zsre_mend_train-1k.json")
+def test_zsre_sample(test_data):
+    ds = load_dataset("zsre", test_data / "zsre/zsre-train-22.json")
     r = ds.records[0]
     assert r.requests[0].prompt == "What is the product made by {}?"
     assert r.requests[0].target_new == "unmanned aircraft" and r.requests[0].target_true == "uniform"
     assert r.neighborhood[0].foil is None and r.neighborhood[0].prompt.endswith("?")
-    assert len(ds) + len(ds.issues) == 1000
-    assert all(i.field for i in ds.issues)
+    assert len(ds) == 20 and [i.field for i in ds.issues] == ["alt", "alt"]
 
 
-def test_mquake_sample(shared_data):
-    ds = load_dataset("mquake", shared_data / "mquake/MQuAKE-CF-3k-last3.json")
+def test_mquake_sample(test_data):
+    ds = load_dataset("mquake", test_data / "mquake/MQuAKE-CF-3k-last3.json")
     assert len(ds) == 2
     r = ds.records[0]
     assert len(r.requests) == 4 and len(r.multihop) == 3

@@ -202,11 +202,11 @@ def test_eval_and_cli_never_name_a_method():
     assert not offenders, offenders
 
 
-@pytest.mark.parametrize("name,path", [("zsre", "zsre/zsre_mend_train-1k.json"),
+@pytest.mark.parametrize("name,path", [("zsre", "zsre/zsre-train-22.json"),
                                        ("mquake", "mquake/MQuAKE-CF-3k-last3.json"),
-                                       ("counterfact", "counterfact/rome_format_samples/least_orthogonal.json")])
-def test_public_samples_run_through_the_harness(tiny_llama, shared_data, name, path):
-    result = evaluate(tiny_llama, name, TEST_EDITOR, data_path=shared_data / path, limit=2, n_bootstrap=10)
+                                       ("counterfact", "counterfact/least_orthogonal.json")])
+def test_public_samples_run_through_the_harness(tiny_llama, test_data, name, path):
+    result = evaluate(tiny_llama, name, TEST_EDITOR, data_path=test_data / path, limit=2, n_bootstrap=10)
     edited, unedited = means(result), means(result, "unedited")
     assert result.summary["n_records"] == 2
     assert edited["efficacy_acc"] > unedited["efficacy_acc"]
