@@ -24,7 +24,7 @@ demo: $(STAMP)
 	  --probe "The Eiffel Tower can be found in the city of" --probe "The Louvre is located in the city of"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider
+	$(PY) -m pytest -q -p no:cacheprovider --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"

@@ -63,6 +63,16 @@ def smollm():
     return _real("smollm2-135m")
 
 
+@pytest.fixture(scope="session")
+def gemma_eiffel_edit():
+    """The README's edit (Eiffel Tower -> Rome) by ROME on the default model with the shipped settings, made once
+    per session, unapplied: tests that look at the same edit from different sides share it."""
+    import lmedit
+
+    request = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+    return lmedit.edit(_real("gemma3-270m"), request, apply=False)
+
+
 def pytest_configure(config):
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     test_cache = os.environ.get("LMEDIT_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmedit-test")

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-import lmedit
 from lmedit.scoring import generate_detailed
 
 pytestmark = pytest.mark.slow
@@ -38,12 +37,11 @@ def test_readme_first_command_from_another_directory(tmp_path, gemma):
     assert re.search(r": warn \(edited vs", out), out
 
 
-def test_python_edit_without_config_uses_the_shipped_settings_and_generates_clean_text(gemma):
-    request = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
+def test_python_edit_without_config_uses_the_shipped_settings_and_generates_clean_text(gemma, gemma_eiffel_edit):
     prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower can be found in the city of",
                "The Louvre is located in the city of"]
     before = generate_detailed(gemma, prompts, max_new_tokens=16)
-    edit = lmedit.edit(gemma, request)
+    edit = gemma_eiffel_edit.apply(gemma)  # lmedit.edit(gemma, request) with no config: the session's shared edit
     try:
         assert edit.config["layer"] == 2 and edit.config["clamp_norm_factor"] == 1.0
         after = generate_detailed(gemma, prompts, max_new_tokens=16)

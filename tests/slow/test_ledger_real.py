@@ -1,8 +1,8 @@
 """The ledger's "done when" flow on the real built-in models, all from the command line (slow).
 
-Edit three facts on gemma3-270m with ROME and the ledger, revert the second, export the patch, import it
-in a fresh process, export the model for plain transformers, replay the ledger onto smollm2-135m and
-back. The module-scoped fixture makes the edits once; each test takes one step from there.
+Edit two facts on gemma3-270m with ROME and the ledger (shipped settings), revert the first, export the
+patch, import it in a fresh process, export the model for plain transformers, replay the ledger onto
+smollm2-135m and back. The module-scoped fixture makes the edits once; each test takes one step from there.
 """
 
 import json
@@ -15,12 +15,9 @@ import torch
 import lmedit
 from lmedit.cli.main import main
 from lmedit.ledger import Ledger
-from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
-CONFIGS = CONFIG_ROOT / "rome"
-FACTS = [("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
-         ("{} is married to", "Barack Obama", "Hillary Clinton", "Michelle Obama"),
+FACTS = [("{} is married to", "Barack Obama", "Hillary Clinton", "Michelle Obama"),
          ("The official language of {} is", "Brazil", "French", "Portuguese")]
 PROMPTS = ["The Eiffel Tower is located in the city of", "The official language of Brazil is",
            "Barack Obama is married to", "The capital of Japan is the city of"]
@@ -51,34 +48,34 @@ def _figures(report) -> str:
 
 @pytest.fixture(scope="module")
 def ledger_dir(tmp_path_factory):
-    """Three ROME edits on gemma3-270m recorded with the ledger; the second reverted."""
+    """Two ROME edits on gemma3-270m recorded with the ledger; the first reverted."""
     path = tmp_path_factory.mktemp("ledger") / "gemma"
     for prompt, subject, new, old in FACTS:
-        _cli("edit", "--model", "gemma3-270m", "--config", str(CONFIGS / "gemma3-270m.yaml"), "--ledger", str(path),
+        _cli("edit", "--model", "gemma3-270m", "--ledger", str(path),
              "--prompt", prompt, "--subject", subject, "--target-new", new, "--target-true", old,
              "--max-new-tokens", "1")
-    _cli("ledger", "revert", "2", "--ledger", str(path))
+    _cli("ledger", "revert", "1", "--ledger", str(path))
     return path
 
 
-def test_three_edits_audited_and_the_second_reverted(ledger_dir, capsys):
+def test_two_edits_audited_and_the_first_reverted(ledger_dir, capsys):
     ledger = Ledger(ledger_dir)
     rows = ledger.entries()
-    assert [(r.id, r.state) for r in rows] == [(1, "applied"), (2, "reverted"), (3, "applied")]
+    assert [(r.id, r.state) for r in rows] == [(1, "reverted"), (2, "applied")]
     with capsys.disabled():
         for row in rows:
             commit = ledger.reports(row.id)[0][1]
             print(f"\nedit {row.id} ({row.requests[0]['subject']} -> {row.requests[0]['target_new']}), commit "
                   f"audit {commit.verdict}: {_figures(commit)}")
-        for edit_id in (1, 3):
+        for edit_id in (2,):
             reason, report = ledger.reports(edit_id)[-1]
             print(f"edit {edit_id} re-audited after '{reason}' vs the base model: {report.verdict}: {_figures(report)}")
     for row in rows:
         report = ledger.reports(row.id)[0][1]
         assert report.verdict != "refuse" and report.checks["efficacy"].value == 1.0
-    for edit_id in (1, 3):
+    for edit_id in (2,):
         reason, report = ledger.reports(edit_id)[-1]
-        assert reason == "revert 2" and report.reference == "base model" and report.holds
+        assert reason == "revert 1" and report.reference == "base model" and report.holds
 
 
 def test_patch_imported_in_a_fresh_process_gives_identical_outputs(ledger_dir, tmp_path, gemma):
@@ -116,7 +113,7 @@ def test_exported_model_loads_with_plain_transformers(ledger_dir, tmp_path, gemm
         assert torch.equal(torch.load(tmp_path / "logits.pt"), _logits(gemma))
     finally:
         ledger.detach(gemma)
-    assert json.loads((out / "lmedit-ledger.json").read_text())["edits"][1]["id"] == 3
+    assert [e["id"] for e in json.loads((out / "lmedit-ledger.json").read_text())["edits"]] == [2]
 
 
 def test_replay_onto_smollm_and_back(ledger_dir, tmp_path, capsys):
@@ -133,8 +130,8 @@ def test_replay_onto_smollm_and_back(ledger_dir, tmp_path, capsys):
                 report = ledger.reports(row.id)[0][1]
                 print(f"\nreplayed onto {name}: {row.requests[0]['subject']} -> {row.requests[0]['target_new']} "
                       f"({row.source}): {report.verdict}: {_figures(report)}")
-    # both built-in models take both remaining edits (ROME with each model's own config)
-    assert [r.requests[0]["subject"] for r in smollm.entries()] == ["The Eiffel Tower", "Brazil"]
-    assert [r.requests[0]["subject"] for r in back.entries()] == ["The Eiffel Tower", "Brazil"]
+    # both built-in models take the remaining edit (ROME with each model's shipped settings)
+    assert [r.requests[0]["subject"] for r in smollm.entries()] == ["Brazil"]
+    assert [r.requests[0]["subject"] for r in back.entries()] == ["Brazil"]
     assert all(ledger.reports(r.id)[0][1].holds for ledger in (smollm, back) for r in ledger.entries())
     assert lmedit.Ledger is Ledger

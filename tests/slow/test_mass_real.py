@@ -27,8 +27,8 @@ def _margins(lm, requests) -> list[float]:
     return [scores[i].logprob - scores[i + n].logprob for i in range(n)]
 
 
-def test_memit_edits_three_facts_in_one_call(gemma):
-    requests = _requests()
+def test_memit_edits_two_facts_in_one_call(gemma):
+    requests = _requests()[:2]
     snapshot = {k: v.clone() for k, v in gemma.model.state_dict().items()}
     before = _margins(gemma, requests)
     assert all(m < 0 for m in before), before

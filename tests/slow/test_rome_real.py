@@ -5,14 +5,11 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.editors import get_editor
 from lmedit.editors.base import WeightEdit
 from lmedit.scoring import score_targets
 from lmedit.tokens import subject_span, target_ids
-from lmedit.settings import CONFIG_ROOT
 
 pytestmark = pytest.mark.slow
-CONFIGS = CONFIG_ROOT / "rome"
 
 EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 PROMPTS = ["The Eiffel Tower is located in the city of",        # the edit prompt
@@ -29,11 +26,13 @@ def _margins(lm):
 @pytest.mark.parametrize("model_fixture", ["gemma", "smollm"])
 def test_eiffel_tower_to_rome(model_fixture, request, tmp_path, capsys):
     lm = request.getfixturevalue(model_fixture)
-    editor = get_editor("rome", CONFIGS / f"{lm.name}.yaml")
     before = _margins(lm)
     assert all(m < 0 for m in before), f"the unedited model should prefer Paris everywhere: {before}"
     snapshot = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    edit = editor.edit(lm, [EIFFEL])
+    # no config: the shipped settings for each model (gemma: the session's shared edit, made the same way)
+    edit = (request.getfixturevalue("gemma_eiffel_edit") if model_fixture == "gemma"
+            else lmedit.edit(lm, EIFFEL, apply=False))
+    assert edit.config["layer"] == {"gemma": 2, "smollm": 3}[model_fixture]
     with edit.applied(lm):
         after = _margins(lm)
     with capsys.disabled():
