@@ -9,9 +9,10 @@ prefixes; `v*` (d_model): optimised output (`editors/_value.py`); `C` (d_mlp, d_
 (`stats.py`).
 
 By default the same prefix-averaged k* is used in Λ and in C⁻¹k* (R-ROME, Gupta et al. 2024,
-"Rebuilding ROME", arXiv:2403.07175): the original code used the bare-prompt key in Λ's denominator,
-which occasionally makes it tiny and the update huge ("disabling edits"). `original_key_mix=True`
-reproduces the paper's code for comparison.
+"Rebuilding ROME", arXiv:2403.07175), so W' k̄ + b = v*. The paper's code (`compute_v` in its
+repository) solves at the bare-prompt key instead: Λ = (v* − W k_bare − b) / ((C⁻¹k̄)ᵀ k_bare), left
+vector C⁻¹k̄, so that W' k_bare + b = v* exactly; a small (C⁻¹k̄)ᵀ k_bare makes the update huge
+("disabling edits"). `original_key_mix=True` reproduces that for comparison.
 
 Not handled: several requests in one rank-one update (they are applied one after another, each on top
 of the previous; use MEMIT for batches).
@@ -53,7 +54,7 @@ class RomeConfig(EditorConfig):
     corpus: str = "sampled"            # statistics corpus: sampled | docstrings | file:PATH
     corpus_tokens: int = 5_000         # tokens averaged into C: 5k sampled ≈ 20k in edit quality, 1/4 the cost (bench_stats)
     cov_shrinkage: float = 0.0         # C ← (1−s)·C + s·tr(C)/d·I; helps when corpus_tokens is small
-    original_key_mix: bool = False     # True: paper code (bare-prompt key in Λ) — reproduces disabling edits
+    original_key_mix: bool = False     # True: the paper's code (Λ solved at the bare-prompt key), disabling edits and all
 
     def __post_init__(self) -> None:
         if self.layer is not None and self.layer < 0:
@@ -72,23 +73,25 @@ class RomeConfig(EditorConfig):
 
 
 def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,
-                    v_star: torch.Tensor, k_denominator: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ROME's closed form in float64: factors (left, right) with Δ = left @ right.T, W' k* = v*.
+                    v_star: torch.Tensor, k_solve: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ROME's closed form in float64: factors (left, right) with Δ = left @ right.T and W' k + b = v* at the
+    key k it is solved at: k_solve when given (the paper's code: the bare-prompt key), else k*.
 
     Args:
         W: (d_model, d_mlp) canonical weight; bias: (d_model,) or None.
         C: (d_mlp, d_mlp) key second moment.
-        k_star: (d_mlp,) key; v_star: (d_model,) target value.
-        k_denominator: the key used in Λ's denominator (ROME's original code: the bare-prompt key).
+        k_star: (d_mlp,) the prefix-averaged key, whose C⁻¹k* is the update's direction in key space.
+        v_star: (d_model,) target value.
+        k_solve: the key at which W' k + b = v* must hold; None: k_star (R-ROME).
 
     Returns:
-        left (d_model, 1) = Λ and right (d_mlp, 1) = C⁻¹k*.
+        left (d_model, 1) = Λ = (v* − W k − b) / ((C⁻¹k*)ᵀ k) and right (d_mlp, 1) = C⁻¹k*.
     """
-    W64, C64, k = W.to(torch.float64), C.to(torch.float64), k_star.to(torch.float64)
-    u = torch.linalg.solve(C64, k)                      # (d_mlp,) C⁻¹k*
-    k_den = k if k_denominator is None else k_denominator.to(torch.float64)
+    W64, C64, k_bar = W.to(torch.float64), C.to(torch.float64), k_star.to(torch.float64)
+    u = torch.linalg.solve(C64, k_bar)                  # (d_mlp,) C⁻¹k*
+    k = k_bar if k_solve is None else k_solve.to(torch.float64)
     current = W64 @ k + (bias.to(torch.float64) if bias is not None else 0.0)
-    lam = (v_star.to(torch.float64) - current) / (u @ k_den)  # (d_model,)
+    lam = (v_star.to(torch.float64) - current) / (u @ k)  # (d_model,)
     return lam[:, None], u[:, None]
 
 
@@ -158,11 +161,11 @@ class RomeEditor(Editor[RomeConfig]):
         value = optimize_value(lm, layer, request, prefixes, self.config.value_options())
         W = lm.arch.weight(lm.model, layer, "mlp_out")
         bias = getattr(module, "bias", None)
-        k_den = keys[0] if self.config.original_key_mix else None  # keys[0]: the bare prompt ("" prefix)
-        left, right = rank_one_update(W, bias, C, k_star, value.v_star, k_den)
+        k_solve = keys[0] if self.config.original_key_mix else None  # keys[0]: the bare prompt ("" prefix)
+        left, right = rank_one_update(W, bias, C, k_star, value.v_star, k_solve)
         if not (torch.isfinite(left).all() and torch.isfinite(right).all()):
             raise EditFailedError(f"ROME produced a non-finite update for {request.subject!r}; the model is unchanged")
-        denominator = float(right[:, 0] @ (k_den if k_den is not None else k_star).to(torch.float64))
+        denominator = float(right[:, 0] @ (k_solve if k_solve is not None else k_star).to(torch.float64))
         info = {
             "subject": request.subject, "target_new": request.target_new, "v_steps": value.steps,
             "v_nll": value.nll, "v_loss": value.losses, "delta_norm": float((value.v_star - value.v_init).norm()),

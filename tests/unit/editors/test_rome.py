@@ -43,18 +43,48 @@ def test_rank_one_update_maps_key_to_value():
     assert (out - v.double()).norm() / v.norm() < 1e-10
 
 
-def test_original_key_mix_puts_the_bare_key_in_the_denominator():
-    # ROME's published code: Λ = (v* − W k* − b) / ((C⁻¹k*)ᵀ k_bare); R-ROME (our default) uses k* in both places.
+def _paper_update(W, b, C, k_bar, k_bare, v_star):
+    """ROME's reference code, written out independently (arXiv:2202.05262; rome/compute_u.py, compute_v.py):
+    left_vector = C⁻¹k̄ / ‖C⁻¹k̄‖;  right_vector = (v* − cur_output) / (k_bare · left_vector), cur_output
+    being the MLP output at the bare prompt (W k_bare + b);  ΔW = right_vector ⊗ left_vector."""
+    W, b, C, k_bar, k_bare, v_star = (t.double() for t in (W, b, C, k_bar, k_bare, v_star))
+    left_vector = torch.linalg.inv(C) @ k_bar
+    left_vector = left_vector / left_vector.norm()
+    cur_output = W @ k_bare + b
+    right_vector = (v_star - cur_output) / torch.dot(k_bare, left_vector)
+    return torch.outer(right_vector, left_vector)
+
+
+def test_original_key_mix_is_the_papers_update():
     torch.manual_seed(1)
     W, b = torch.randn(8, 16), torch.randn(8)
     A = torch.randn(16, 40)
     C = A @ A.T / 40
-    k_star, k_bare, v = torch.randn(16), torch.randn(16), torch.randn(8)
-    left, right = rank_one_update(W, b, C, k_star, v, k_denominator=k_bare)
-    delta = left @ right.T
-    residual = v.double() - W.double() @ k_star.double() - b.double()
-    torch.testing.assert_close(delta @ k_bare.double(), residual)
-    assert not torch.allclose(delta @ k_star.double(), residual)
+    k_bar, k_bare, v = torch.randn(16), torch.randn(16), torch.randn(8)
+    left, right = rank_one_update(W, b, C, k_bar, v, k_solve=k_bare)
+    ours, paper = left @ right.T, _paper_update(W, b, C, k_bar, k_bare, v)
+    assert (ours - paper).norm() / paper.norm() < 1e-6
+    edited = W.double() + ours
+    # the paper's update makes the bare prompt's key produce v* exactly ...
+    assert (edited @ k_bare.double() + b.double() - v.double()).norm() / v.norm() < 1e-6
+    # ... and its direction in key space is C⁻¹k̄ (the averaged key), not C⁻¹k_bare
+    direction = torch.linalg.solve(C.double(), k_bar.double())
+    torch.testing.assert_close(right[:, 0] / right[:, 0].norm(), direction / direction.norm())
+
+
+def test_default_mode_solves_at_the_averaged_key():
+    # R-ROME (arXiv:2403.07175): the same averaged key in both places, so W' k̄ + b = v*.
+    torch.manual_seed(2)
+    W, b = torch.randn(8, 16), torch.randn(8)
+    A = torch.randn(16, 40)
+    C = A @ A.T / 40
+    k_bar, k_bare, v = torch.randn(16), torch.randn(16), torch.randn(8)
+    left, right = rank_one_update(W, b, C, k_bar, v)
+    edited = W.double() + left @ right.T
+    assert (edited @ k_bar.double() + b.double() - v.double()).norm() / v.norm() < 1e-6
+    assert (edited @ k_bare.double() + b.double() - v.double()).norm() / v.norm() > 1e-3
+    paper = _paper_update(W, b, C, k_bar, k_bar, v)  # the paper's formula with k_bare := k̄ is the same update
+    assert ((left @ right.T) - paper).norm() / paper.norm() < 1e-6
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama", "gpt_neox", "gemma3_text"])
