@@ -16,6 +16,7 @@ Not handled: exporting wrapper edits as a plain model (they are modules around t
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
 import uuid
@@ -23,15 +24,18 @@ import zipfile
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
-from lmedit.errors import MissingFileError
+from lmedit.errors import LMEditError, MissingFileError
 from lmedit.ledger.audit import AuditReport
 from lmedit.ledger.ledger import param_sha256
-from lmedit.ledger.store import LedgerError, file_sha256, now
+from lmedit.ledger.store import IMPORT_PREFIX, LedgerError, file_sha256, new_patch_name, now
 from lmedit.models.load import weights_fingerprint
+from lmedit.types import request_from_dict
 
 if TYPE_CHECKING:
     from lmedit.ledger.ledger import Ledger
     from lmedit.models.load import LM
+
+log = logging.getLogger(__name__)
 
 PATCH_FORMAT = "lmedit.ledger_patch"
 PATCH_VERSION = 1
@@ -72,7 +76,7 @@ def export_patch(ledger: Ledger, file: str | Path) -> Path:
         with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
             for row, item in zip(rows, edits):
-                _add_path(archive, ledger.store.patch_dir / row.patch, item["file"])
+                _add_path(archive, ledger.store.patch_path(row.patch, row.id), item["file"])
         tmp.replace(file)
     finally:
         tmp.unlink(missing_ok=True)
@@ -140,25 +144,35 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
             if name not in params or param_sha256(params[name]) != expected["sha256"]:
                 raise LedgerError(f"model hash mismatch: {lm.name!r}'s {name} differs from the base the patch was "
                                   f"made on ({file})")
+    for i, item in enumerate(manifest["edits"], 1):  # stored requests are rendered later: refuse bad ones now
+        for request in item.get("requests") or []:
+            try:
+                request_from_dict(request)
+            except LMEditError as exc:
+                raise LedgerError(f"edit {i} in {file} has an invalid request ({exc}); nothing was imported") from None
     held = {r.patch_sha256 for r in ledger.entries()}
     new_ids: list[int] = []
-    with zipfile.ZipFile(file) as archive, tempfile.TemporaryDirectory(dir=ledger.store.patch_dir.parent) as scratch:
-        staged = []
-        for i, item in enumerate(manifest["edits"]):
-            if item["sha256"] in held:
-                continue
-            target = Path(scratch) / f"{i}"
-            _extract(archive, item["file"], target)
-            if file_sha256(target) != item["sha256"]:
-                raise LedgerError(f"{item['file']} in {file} is damaged: its sha256 differs from the manifest's")
-            staged.append((item, target))
-        with ledger.store.write():
+    names: list[str] = []
+    try:
+        # Under the write lock: the scratch directory is swept by openers only while nobody holds the lock.
+        with zipfile.ZipFile(file) as archive, ledger.store.write(), \
+                tempfile.TemporaryDirectory(prefix=IMPORT_PREFIX, dir=ledger.store.root) as scratch:
+            staged = []
+            for i, item in enumerate(manifest["edits"]):
+                if item["sha256"] in held:
+                    continue
+                target = Path(scratch) / f"{i}"
+                _extract(archive, item["file"], target)
+                if file_sha256(target) != item["sha256"]:
+                    raise LedgerError(f"{item['file']} in {file} is damaged: its sha256 differs from the manifest's")
+                staged.append((item, target))
             ledger._init_base(base, manifest.get("model") or (lm.name if lm is not None else ""))
             base_params = {name: (json.loads(p["shape"]), p["dtype"], p["sha256"])
                            for name, p in manifest.get("base_params", {}).items()}
             for item, target in staged:
-                name = f"{uuid.uuid4().hex}.edit"
-                target.replace(ledger.store.patch_dir / name)
+                name = new_patch_name()
+                names.append(name)
+                target.replace(ledger.store.begin_patch(name))
                 edit_id = ledger._insert(
                     name, kind=item["kind"], method=item["method"], config=item["config"], requests=item["requests"],
                     base_fingerprint=base, verdict=item.get("verdict"), probes=item.get("probes"),
@@ -167,6 +181,13 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
                 if item.get("audit"):
                     ledger._add_audit(edit_id, "import", AuditReport.from_dict(item["audit"]))
                 new_ids.append(edit_id)
+    except BaseException:
+        if names:  # rolled back: the moved patches belong to no row; the next writer removes them (markers kept)
+            log.warning("import of %s failed; its %d partial patch file(s) are removed by the next ledger write",
+                        file, len(names))
+        raise
+    for name in names:
+        ledger.store.end_patch(name)
     if lm is not None:
         ledger.apply(lm)
     return new_ids

@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +37,8 @@ from lmedit.config import to_dict
 from lmedit.editors import Edit, EditorConfig, load_edit
 from lmedit.ledger.audit import AuditConfig, AuditReport, run_audit, unaudited_report
 from lmedit.ledger.probes import build_record, derive_foil, record_from_dict, record_to_dict
-from lmedit.ledger.store import EditRow, LedgerError, Store, file_sha256, now, path_size, test_pause
+from lmedit.ledger.store import (EditRow, LedgerError, Store, file_sha256, new_patch_name, now, path_size,
+                                 test_pause)
 from lmedit.models.load import weights_fingerprint
 from lmedit.settings import resolve_editor
 from lmedit.types import EditRequest, request_from_dict
@@ -170,7 +170,7 @@ class Ledger:
     def load_edit(self, edit_id: int) -> Edit:
         """A fresh (unapplied) `Edit` from the patch file, after checking the file's sha256."""
         row = self.entry(edit_id)
-        path = self.store.patch_dir / row.patch
+        path = self.store.patch_path(row.patch, edit_id)
         if not path.exists():
             raise LedgerError(f"the patch of edit {edit_id} is missing ({path})")
         if file_sha256(path) != row.patch_sha256:
@@ -338,10 +338,10 @@ class Ledger:
         config = getattr(edit, "config", {}) or {}
         if isinstance(config, EditorConfig):
             config = to_dict(config)
+        name = new_patch_name()
         with self.store.write():
             self._init_base(getattr(edit, "base_fingerprint", "") or lm.fingerprint, lm.name)
-            name = f"{uuid.uuid4().hex}.edit"
-            path = self.store.patch_dir / name
+            path = self.store.begin_patch(name)  # a marker first: a killed write's file is known to be one
             edit.save(path)  # writes a temporary file and renames it into place
             test_pause("patch_saved")
             edit_id = self._insert(
@@ -351,6 +351,7 @@ class Ledger:
                 new_params=new_params)
             self._add_audit(edit_id, reason, report)
             test_pause("row_inserted")
+        self.store.end_patch(name)
         return edit_id
 
     def _init_base(self, fingerprint: str, model: str) -> None:
@@ -370,7 +371,7 @@ class Ledger:
         db = self.store.db
         for param, (shape, dtype, sha) in new_params.items():
             db.execute("INSERT OR IGNORE INTO base_params VALUES (?, ?, ?, ?)", (param, json.dumps(list(shape)), dtype, sha))
-        path = self.store.patch_dir / patch
+        path = self.store.patch_path(patch)
         stamp = now()
         cursor = db.execute(
             "INSERT INTO edits (created, updated, state, kind, method, config, requests, base_fingerprint, patch, "

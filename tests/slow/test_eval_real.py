@@ -1,4 +1,4 @@
-"""The evaluation harness end to end with ROME on the real default model (a few starter facts, ~1 minute).
+"""The evaluation harness end to end on the real default model: ROME single, FT-L sequential (starter facts).
 
 ROME runs with the default model's config file (its layer chosen from tracing evidence, so no tracing runs
 here; statistics cached after the first run).
@@ -31,10 +31,11 @@ def test_rome_on_starter_facts_single_and_sequential(gemma, tmp_path):
     assert edited["neighborhood_kl"]["mean"] > 0.0
 
     assert edited["fluency"]["mean"] > 0 and edited["derailment"]["mean"] is not None  # generation is on by default
-    # sequential: the machinery (re-measuring earlier edits, drift) without generation, to keep the tier quick
-    sequential = evaluate(gemma, starter, "rome", limit=2, mode="sequential", checkpoint_every=1, n_drift=1,
-                          editor_config=ROME_SETTINGS, n_bootstrap=200, generation_tokens=0,
-                          out_dir=tmp_path / "sequential")
+    # sequential: the machinery (re-measuring earlier edits, drift, health) on the real model, with FT-L's shipped
+    # settings (a second per edit; ROME's own real-model edits are tested elsewhere) and without generation
+    sequential = evaluate(gemma, starter, "ft_l", limit=2, mode="sequential", checkpoint_every=1, n_drift=1,
+                          n_bootstrap=200, generation_tokens=0, out_dir=tmp_path / "sequential")
+    assert sequential.summary["run"]["settings"].startswith("shipped for gemma3-270m")
     last = [r for r in sequential.rows if r.get("kind") == "edited" and r["n_edits"] == 2]
     assert len(last) == 2  # the first edit is re-measured after the second
     assert sequential.summary["edited"]["metrics"]["efficacy_score"]["mean"] >= 0.5
