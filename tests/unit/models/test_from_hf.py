@@ -15,7 +15,7 @@ from lmedit.errors import LMEditError, MissingDependencyError, NotAnLMError, Uns
 from lmedit.ledger import AuditConfig
 from lmedit.ledger.audit import CHECKS
 from lmedit.models import ARCHS
-from lmedit.testing import _CORPUS, tiny_config, tiny_tokenizer
+from lmedit.testing import tiny_config, tiny_tokenizer
 
 # Subject at the end of the prompt (a random 4-layer model barely moves information between tokens).
 REQUEST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
@@ -37,15 +37,6 @@ def saved_dir(tmp_path_factory):
 def hf(saved_dir):
     """(model, tokenizer) as a transformers user holds them: loaded with Auto* classes, nothing else."""
     return AutoModelForCausalLM.from_pretrained(saved_dir), AutoTokenizer.from_pretrained(saved_dir)
-
-
-@pytest.fixture
-def rome_config(tmp_path, monkeypatch):
-    """Quick ROME settings for tiny models (text-file statistics, few prefixes), with a private cache."""
-    monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
-    return {"layer": 1, "corpus": f"file:{corpus}", "corpus_tokens": 2000, "prefixes_short": 2, "prefixes_long": 1}
 
 
 def _snapshot(lm) -> dict[str, torch.Tensor]:
