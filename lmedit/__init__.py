@@ -39,7 +39,7 @@ _EXPORTS = {
 
 __all__ = ["LM", "Edit", "EditDescriptor", "EditRequest", "Ledger", "Site", "TargetScore", "TraceResult", "WeightEdit",
            "WrapperEdit", "edit", "evaluate", "generate", "load", "load_edit", "score", "suggest_layer", "trace"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str) -> Any:

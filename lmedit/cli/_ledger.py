@@ -63,9 +63,10 @@ def open_ledger(args: argparse.Namespace) -> Ledger:
     """
     from lmedit.errors import InputFileError, MissingFileError
     from lmedit.ledger import Ledger
-    from lmedit.ledger.store import DB_NAME
+    from lmedit.ledger.store import DB_NAME, preflight
 
     path = Path(args.ledger).expanduser()
+    preflight(path)  # a damaged ledger (patches but no usable ledger.sqlite) is refused with how to recover
     if not getattr(args, "create_ledger", False):
         if not path.exists():
             raise MissingFileError(f"ledger {path} does not exist (`lmedit edit --ledger {path} ...` creates one; "
@@ -90,7 +91,8 @@ def describe(requests: list[dict]) -> str:
     for r in requests:
         if "prompt" in r:
             old = f" (was {r['target_true']})" if r.get("target_true") else ""
-            lines.append(f"{r['prompt'].format(r['subject'])} → {r['target_new']}{old}")
+            # never str.format: a stored prompt may hold other braces ("{1}", "{}{}") and must still list
+            lines.append(f"{str(r['prompt']).replace('{}', str(r.get('subject')), 1)} → {r.get('target_new')}{old}")
         else:
             lines.append(r.get("text") or f"{r.get('input')} → {r.get('output')}")
     return "\n".join(lines)

@@ -206,6 +206,10 @@ def run(args: argparse.Namespace) -> int:
         able = [n for n in editors.names() if editors.get(n).accepts_descriptors]
         raise RequestError(f"--method {args.method} edits (prompt, subject, target) triplets only; edit descriptors "
                            f"need an editor that accepts them: {', '.join(able)}")
+    if args.ledger:  # a damaged ledger is refused before the model loads
+        from lmedit.ledger.store import preflight
+
+        preflight(Path(args.ledger).expanduser())
     lm = load_model(args)
     editor, _ = resolve_editor(args.method, lm, args.config, args.set)
     console.print(describe(editor, lm), markup=False, highlight=False)

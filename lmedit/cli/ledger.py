@@ -92,7 +92,7 @@ def run_show(args: argparse.Namespace) -> int:
     console.print(f"[bold]edit {row.id}[/] " + escape(f"({row.state}, {row.kind} edit by {row.method}, source {row.source})"))
     console.print(describe(row.requests), markup=False, highlight=False)
     console.print(f"created {row.created}, updated {row.updated}; base {row.base_fingerprint}", markup=False)
-    console.print(f"patch {ledger.store.patch_dir / row.patch} ({row.patch_bytes:,} bytes, sha256 {row.patch_sha256[:16]}…)",
+    console.print(f"patch {ledger.store.patch_path(row.patch, row.id)} ({row.patch_bytes:,} bytes, sha256 {row.patch_sha256[:16]}…)",
                   markup=False)
     console.print(f"config {json.dumps(row.config)}", markup=False)
     info = {k: v for k, v in row.info.items() if k != "requests"}

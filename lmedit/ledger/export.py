@@ -97,6 +97,12 @@ def read_manifest(file: str | Path) -> dict[str, Any]:
         raise LedgerError(f"{file} is not an lmedit patch file (format={manifest.get('format')!r})")
     if int(manifest.get("version", 0)) > PATCH_VERSION:
         raise LedgerError(f"{file} has patch format version {manifest['version']}; this lmedit reads {PATCH_VERSION}")
+    for i, item in enumerate(manifest.get("edits") or [], 1):  # stored requests are rendered later: refuse bad ones now
+        for request in item.get("requests") or []:
+            try:
+                request_from_dict(request)
+            except LMEditError as exc:
+                raise LedgerError(f"edit {i} in {file} has an invalid request ({exc}); nothing was imported") from None
     return manifest
 
 
@@ -144,12 +150,6 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
             if name not in params or param_sha256(params[name]) != expected["sha256"]:
                 raise LedgerError(f"model hash mismatch: {lm.name!r}'s {name} differs from the base the patch was "
                                   f"made on ({file})")
-    for i, item in enumerate(manifest["edits"], 1):  # stored requests are rendered later: refuse bad ones now
-        for request in item.get("requests") or []:
-            try:
-                request_from_dict(request)
-            except LMEditError as exc:
-                raise LedgerError(f"edit {i} in {file} has an invalid request ({exc}); nothing was imported") from None
     held = {r.patch_sha256 for r in ledger.entries()}
     new_ids: list[int] = []
     names: list[str] = []
