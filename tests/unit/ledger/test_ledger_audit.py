@@ -115,3 +115,27 @@ def test_report_round_trips_and_plots(tmp_path, lm):
     assert ledger.latest_report(1).to_dict() == report.to_dict()
     path = plot_report(report, tmp_path / "plots" / "edit-1.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_an_edit_that_pulls_generation_to_never_text_tokens_is_flagged(lm, tmp_path):
+    # An unembedding change making <pad> (never generated) the likeliest next token everywhere: the printed
+    # generations stay clean, so only the derailment check can see it (docs/editors.md, "Derailed generations").
+    import torch
+
+    from lmedit.editors.base import ParamDelta, WeightEdit
+
+    weight = lm.model.get_output_embeddings().weight
+    name = next(n for n, p in lm.model.named_parameters() if p is weight)
+    left = torch.zeros(weight.shape[0], 1)
+    left[lm.tokenizer.pad_token_id] = 1.0
+    with torch.no_grad():  # along the final hidden state of the edit prompt: a logit of +500 for <pad> there
+        hidden = lm.model(**lm.encode(["Where is The Eiffel Tower"]), output_hidden_states=True).hidden_states[-1][0, -1]
+    right = 500.0 * hidden[:, None] / hidden.norm() ** 2
+    edit = WeightEdit({name: ParamDelta(left=left, right=right)}, requests=(REQUESTS[0],), method="test",
+                      base_fingerprint=lm.fingerprint)
+    config = dataclasses.replace(LENIENT, generation_tokens=4, derailment_rise_warn=0.1)
+    ledger = Ledger(tmp_path / "ledger", audit_config=config)
+    commit = ledger.record(lm, edit, force=True)
+    check = commit.report.checks["derailment_rise"]
+    assert check.value is not None and check.value > 0.1 and check.level == "warn", check
+    assert commit.report.verdict == "warn"
