@@ -55,12 +55,15 @@ def _paper_update(W, b, C, k_bar, k_bare, v_star):
     return torch.outer(right_vector, left_vector)
 
 
+def _problem(seed: int):
+    """A random down-projection W (8×16) with bias, key statistics C, two keys and a target value."""
+    torch.manual_seed(seed)
+    W, b, A = torch.randn(8, 16), torch.randn(8), torch.randn(16, 40)
+    return W, b, A @ A.T / 40, torch.randn(16), torch.randn(16), torch.randn(8)
+
+
 def test_original_key_mix_is_the_papers_update():
-    torch.manual_seed(1)
-    W, b = torch.randn(8, 16), torch.randn(8)
-    A = torch.randn(16, 40)
-    C = A @ A.T / 40
-    k_bar, k_bare, v = torch.randn(16), torch.randn(16), torch.randn(8)
+    W, b, C, k_bar, k_bare, v = _problem(1)
     left, right = rank_one_update(W, b, C, k_bar, v, k_solve=k_bare)
     ours, paper = left @ right.T, _paper_update(W, b, C, k_bar, k_bare, v)
     assert (ours - paper).norm() / paper.norm() < 1e-6
@@ -74,11 +77,7 @@ def test_original_key_mix_is_the_papers_update():
 
 def test_default_mode_solves_at_the_averaged_key():
     # R-ROME (arXiv:2403.07175): the same averaged key in both places, so W' k̄ + b = v*.
-    torch.manual_seed(2)
-    W, b = torch.randn(8, 16), torch.randn(8)
-    A = torch.randn(16, 40)
-    C = A @ A.T / 40
-    k_bar, k_bare, v = torch.randn(16), torch.randn(16), torch.randn(8)
+    W, b, C, k_bar, k_bare, v = _problem(2)
     left, right = rank_one_update(W, b, C, k_bar, v)
     edited = W.double() + left @ right.T
     assert (edited @ k_bar.double() + b.double() - v.double()).norm() / v.norm() < 1e-6
