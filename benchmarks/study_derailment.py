@@ -20,7 +20,7 @@ from _common import emit  # noqa: E402
 import torch  # noqa: E402
 
 import lmedit  # noqa: E402
-from lmedit.scoring import _NeverText, routed  # noqa: E402
+from lmedit.scoring import NeverTextGuard, routed  # noqa: E402
 from lmedit.settings import resolve_editor  # noqa: E402
 
 PROMPTS = {"edit": "The Eiffel Tower is located in the city of",
@@ -31,7 +31,7 @@ PROMPTS = {"edit": "The Eiffel Tower is located in the city of",
 REQUEST = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 
 
-class _Recorder(_NeverText):
+class _Recorder(NeverTextGuard):
     """Also keeps, per step, the three never-text tokens with the most probability."""
 
     def __init__(self, ids, vocab):

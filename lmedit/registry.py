@@ -79,6 +79,11 @@ class Registry(Generic[T]):
             hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
             raise UnknownNameError(f"unknown {self.kind} {name!r}.{hint} Known: {', '.join(self.names())}") from None
 
+    def name_of(self, obj: Any) -> str | None:
+        """The name `obj` is registered under (or, for an instance, its class), None when it is not registered."""
+        self._load_plugins()
+        return next((n for n, item in self._items.items() if item is obj or item is type(obj)), None)
+
     def meta(self, name: str) -> dict[str, Any]:
         self.get(name)
         return dict(self._meta[name])

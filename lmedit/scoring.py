@@ -120,7 +120,7 @@ class Generation:
     never_text_max: float
 
 
-class _NeverText:
+class NeverTextGuard:
     """A logits processor: records the softmax mass of the never-text ids per row and step, then masks them."""
 
     def __init__(self, ids: Sequence[int], vocab: int) -> None:
@@ -148,7 +148,7 @@ def generate_detailed(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 2
         torch.manual_seed(seed)
     prompts = routed(lm, prompts)
     enc = lm.tokenizer(list(prompts), return_tensors="pt", padding=True, padding_side="left").to(lm.device)
-    guard = _NeverText(lm.never_text_ids, lm.model.get_output_embeddings().weight.shape[0])
+    guard = NeverTextGuard(lm.never_text_ids, lm.model.get_output_embeddings().weight.shape[0])
     out = lm.model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=not greedy,
                             temperature=temperature if not greedy else None, top_p=None, top_k=None,
                             pad_token_id=lm.tokenizer.pad_token_id, logits_processor=LogitsProcessorList([guard]))
@@ -157,10 +157,8 @@ def generate_detailed(lm: LM, prompts: Sequence[str], *, max_new_tokens: int = 2
     if guard.masses:
         masses = torch.stack(guard.masses, 1)  # (n, steps); steps after a row's EOS are padding: not counted
         eos = lm.tokenizer.eos_token_id
-        done = torch.zeros(masses.shape, dtype=torch.bool)
-        if eos is not None:
-            finished = (new[:, :masses.shape[1]] == eos).cpu().long().cumsum(1)
-            done = (finished - (new[:, :masses.shape[1]] == eos).cpu().long()) > 0
+        is_eos = (new[:, :masses.shape[1]] == eos).cpu().long() if eos is not None else torch.zeros_like(masses).long()
+        done = (is_eos.cumsum(1) - is_eos) > 0
         counted = masses.masked_fill(done, 0.0)
         steps = (~done).sum(1).clamp(min=1)
         mean, peak = (counted.sum(1) / steps).tolist(), counted.max(1).values.tolist()

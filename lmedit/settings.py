@@ -157,7 +157,7 @@ def describe(editor: Editor, lm: LM | None = None, source: str | None = None) ->
     """One line: method, layer(s) and where the settings came from."""
     from lmedit.registry import editors
 
-    name = next((n for n in editors.names() if editors.get(n) is type(editor)), type(editor).__name__)
+    name = editors.name_of(editor) or type(editor).__name__
     cfg = editor.config
     where = ""
     for field in ("layer", "layers"):

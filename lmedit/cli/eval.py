@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from lmedit.eval import ProgressEvent
 
 EPILOG = """examples:
-  lmedit eval --method rome --dataset counterfact --data ../shared/data/counterfact/easyedit_format/counterfact-edit.json --limit 100
+  lmedit eval --method rome --dataset counterfact --data counterfact-edit.json --limit 100
   lmedit eval --method rome --method noop --dataset starter --limit 20 --generation 40
   lmedit eval --method rome --dataset starter --mode sequential --limit 50 --checkpoint-every 10 --out runs/seq
   lmedit eval --method memit --config configs/memit/gemma3-270m.yaml --dataset counterfact --mode batch --batch-size 1000 --limit 1000

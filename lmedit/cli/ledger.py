@@ -66,7 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q = command("replay", "re-run the requests on another model and audit them", run_replay, audit=True)
     q.add_argument("--onto", required=True, metavar="MODEL", help="the other model (built-in name, directory, HF id)")
     q.add_argument("--into", metavar="PATH", help="ledger that receives the replayed edits (default: report only)")
-    q.add_argument("--config-dir", metavar="DIR", help="where <method>/<model>.yaml settings are looked up (default: configs)")
+    q.add_argument("--config-dir", metavar="DIR", help="where <method>/<model name>.yaml settings are looked up (default: the settings lmedit ships for the model)")
     q.add_argument("--force", action="store_true", help="record replayed edits even when the audit gate refuses them")
     q.add_argument("--device", default="cpu")
 

@@ -23,13 +23,13 @@ if TYPE_CHECKING:
 
 EPILOG = """examples:
   lmedit train mend --model gemma3-270m --config configs/mend/gemma3-270m.yaml --dataset counterfact \\
-      --data ../shared/data/counterfact/easyedit_format/counterfact-train.json --out runs/mend-gemma3-270m
+      --data counterfact-train.json --out runs/mend-gemma3-270m
   lmedit train mend --model gemma3-270m --config configs/mend/gemma3-270m.yaml --dataset counterfact \\
-      --data ../shared/data/counterfact/easyedit_format/counterfact-train.json --out runs/mend-gemma3-270m --resume
-  lmedit train mend --model smollm2-135m --dataset zsre --data ../shared/data/zsre/zsre_mend_train-1k.json \\
+      --data counterfact-train.json --out runs/mend-gemma3-270m --resume
+  lmedit train mend --model smollm2-135m --dataset zsre --data zsre_mend_train-1k.json \\
       --out runs/mend-smollm2 --steps 500 --set lr=3e-4 --device cuda
   lmedit train serac --model gemma3-270m --dataset counterfact \\
-      --data ../shared/data/counterfact/easyedit_format/counterfact-train.json --out runs/serac-gemma3-270m
+      --data counterfact-train.json --out runs/serac-gemma3-270m
 then edit or evaluate with the trained network (the command prints the setting to use):
   lmedit eval --method mend --set checkpoint=runs/mend-gemma3-270m --dataset starter
   lmedit eval --method serac --set scope_path=runs/serac-gemma3-270m/scope.safetensors --dataset starter

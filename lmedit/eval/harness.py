@@ -206,7 +206,7 @@ def _resolve_editor(lm: LM, method: str | Editor,
                     editor_config: EditorConfig | dict[str, Any] | str | Path | None) -> tuple[Editor, str]:
     if isinstance(method, Editor):
         # Label the run with the editor's registry key when it has one (found by class, not by name).
-        name = next((n for n in editors.names() if editors.get(n) is type(method)), type(method).__name__)
+        name = editors.name_of(method) or type(method).__name__
         return method, name
     editor, _ = resolve_editor(method, lm, editor_config)
     return editor, method

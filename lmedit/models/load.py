@@ -294,19 +294,6 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
     return model, tokenizer
 
 
-def _load_cached_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a converted built-in model: the tokenizer from its JSON files, the weights from safetensors.
-
-    Only data formats are read (and no remote code is trusted), so whoever can write to the cache cannot
-    make a load run code. Earlier versions also cached the tokenizer object as `tokenizer-*.pkl`; such
-    files are ignored, not deleted. Parsing Gemma's 33 MB tokenizer.json takes a few seconds, the
-    weights ~0.3 s.
-    """
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    return model, tokenizer
-
-
 def _builtin_cache_path(spec: BuiltinModel) -> Path:
     _package_dir(spec.package)
     return cache_dir() / "models" / f"{spec.name}-{_dist_version(spec.package)}"
@@ -332,7 +319,7 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
         raise ModelNotFoundError(
             f"built-in model {spec.name!r} needs the package {spec.package!r}: run `{spec.install}`") from None
     if (target / "config.json").exists():
-        return _load_cached_dir(target, dtype)
+        return _load_dir(target, dtype)
     log.info("first load of %s: converting GGUF to safetensors under %s", spec.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Write into a temporary sibling and rename it into place, so an interrupted conversion leaves nothing half-written.
@@ -354,7 +341,7 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
         except OSError:  # another process finished first: theirs is as good as ours
             if not (target / "config.json").exists():
                 raise
-    return _load_cached_dir(target, dtype)
+    return _load_dir(target, dtype)
 
 
 class _Unset:

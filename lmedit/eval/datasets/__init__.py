@@ -1,6 +1,6 @@
 """Benchmark datasets, each registered in `lmedit.registry.datasets` and loaded into `EvalRecord`s.
 
-    ds = load_dataset("counterfact", "../shared/data/counterfact/easyedit_format/counterfact-val.json")
+    ds = load_dataset("counterfact", "counterfact-val.json")
     ds.records[0].requests[0]   # EditRequest("The mother tongue of {} is", "Danielle Darrieux", ...)
     ds.issues                   # records skipped, each naming file, record and field
 
