@@ -248,9 +248,7 @@ class Store:
         self.db.execute("PRAGMA foreign_keys = ON")
         if blank:  # a new ledger (an empty directory): create the schema under the lock
             with self.write(cleanup=False) as db:
-                if self._tables():  # another process created it meanwhile
-                    pass
-                else:
+                if not self._tables():  # else another process created it meanwhile
                     for statement in _SCHEMA.split(";"):  # not executescript: it would COMMIT the open transaction
                         if statement.strip():
                             db.execute(statement)
