@@ -146,7 +146,8 @@ def start_at(lm: LM, layer: int, resid: torch.Tensor) -> Iterator[None]:
     unchanged. Everything else runs as usual: the model embeds its input and prepares masks, positions
     and the key/value cache itself, which is why this needs no per-architecture code. Skipped blocks do
     not write to the cache. Used by causal tracing, whose restored runs match the corrupted run up to
-    the restored layer.
+    the restored layer, and by `lmedit.split_forward`, whose value-optimisation steps start at the
+    edited block.
 
     Args:
         lm: the model bundle.

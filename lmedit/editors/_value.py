@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmedit.hooks import capture, patch
-from lmedit.scoring import logits_at
+from lmedit.hooks import capture
+from lmedit.split_forward import SplitForward
 from lmedit.tokens import pad_batch, prompt_ids, subject_span, target_ids
 from lmedit.types import EditRequest, Site
 
@@ -99,20 +99,24 @@ class ValueResult:
     losses: list[float]   # total loss per step
     nll: float            # final mean NLL of target_new over the prefixed prompts
     steps: int
+    keys: torch.Tensor | None = None  # (n_templates, d_mlp) MLP keys at the subject's last token, when asked for
 
 
 def optimize_value(lm: LM, layer: int, request: EditRequest, prefixes: Sequence[str], options: ValueOptions,
-                   *, site_kind: str = "mlp.out",
+                   *, site_kind: str = "mlp.out", with_keys: bool = False, full_passes: bool = False,
                    on_step: Callable[[int, float], None] | None = None) -> ValueResult:
     """Find v* = v + δ at `layer`'s `site_kind` output (subject's last token) making target_new likely.
 
     The loss is ROME's: mean NLL of target_new over the prefixed prompts + kl_factor · KL(original ‖ edited)
     of the next-token distribution at the subject's last token of "{subject} is a" + weight decay; δ is
     clamped to `clamp_norm_factor`·‖v‖ after each Adam step. Only δ is optimised; the weights are untouched.
-    Logits are computed only at the target positions and the essence position.
+    Logits are computed only at the target positions and the essence position. With `with_keys`, the
+    result also carries the MLP keys at the subject's last token of every prefixed prompt (ROME's k*),
+    read in the optimisation's first, unedited forward.
     """
     step_fn = (lambda step, losses: on_step(step, losses[0])) if on_step else None
-    return optimize_values(lm, layer, [request], prefixes, options, site_kind=site_kind, on_step=step_fn)[0]
+    return optimize_values(lm, layer, [request], prefixes, options, site_kind=site_kind, with_keys=with_keys,
+                           full_passes=full_passes, on_step=step_fn)[0]
 
 
 @dataclass
@@ -146,30 +150,30 @@ def _problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str
 
 
 @torch.no_grad()
-def _seen_values(lm: LM, sites: Sequence[Site], inputs: dict[str, torch.Tensor], lookups: torch.Tensor,
+def _seen_values(fwd: SplitForward, sites: Sequence[Site], rows: torch.Tensor, cols: torch.Tensor,
                  delta: torch.Tensor) -> torch.Tensor:
-    """The outputs at `sites` (subject's last token of each bare prompt) in the forward with `delta` added -> (m, S, d).
+    """The outputs at `sites` (at `cols` of `rows`, the bare prompts' subject tokens) with `delta` added -> (m, S, d).
 
     With several layers, a later layer's output in the optimised forward is its value *given the earlier
     layers' δ* plus its own δ, not v_init + δ: the earlier δ change what reaches it. That is the value the
     layer must produce for the model to repeat the optimised forward, so it is the target.
     """
-    rows = torch.arange(len(lookups), device=lm.device)
+    local = torch.arange(len(rows), device=rows.device)
     seen: dict[Site, torch.Tensor] = {}
 
     def add_and_record(activation: torch.Tensor, site: Site) -> torch.Tensor:
         out = activation.clone()
-        out[rows, lookups] = out[rows, lookups] + delta[:, sites.index(site)]
-        seen[site] = out[rows, lookups]
+        out[local, cols] = out[local, cols] + delta[:, sites.index(site)]
+        seen[site] = out[local, cols]
         return out
 
-    with patch(lm, {site: add_and_record for site in sites}, stop_after=sites[-1]):
-        lm.model(**inputs, use_cache=False)
+    fwd.final(rows, {site: add_and_record for site in sites})
     return torch.stack([seen[site] for site in sites], 1)
 
 
 def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditRequest], prefixes: Sequence[str],
-                    options: ValueOptions, *, site_kind: str = "mlp.out",
+                    options: ValueOptions, *, site_kind: str = "mlp.out", with_keys: bool = False,
+                    full_passes: bool = False,
                     on_step: Callable[[int, list[float]], None] | None = None) -> list[ValueResult]:
     """`optimize_value` for several requests in one batch: one δ_i per request, optimised jointly but independently.
 
@@ -182,6 +186,10 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     and each result's v_star / v_init are (n_layers, d) instead of (d,); weight decay and clamping apply
     per layer. v_star[j] is then layer j's output in the optimised forward (its value given the earlier
     layers' δ, plus δ_j; `_seen_values`), which is what that layer must produce; v_init stays unedited.
+
+    Each step recomputes only what δ can change (`SplitForward`): the positions from the subject's last
+    token on, at the blocks from the first edited one on. `full_passes=True` recomputes every position at
+    every block instead; the answer is the same up to float rounding (tests hold it to 1e-5), only slower.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
     problems = [_problem(lm, r, prefixes, options.essence_template) for r in requests]
@@ -201,8 +209,6 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
         # mean over templates of (sum over target tokens / n_target)
         tok_weight += [1.0 / (pr.n_templates * pr.n_target)] * len(pr.rows)
         essence_seq.append(base + len(pr.seqs) - 1)
-    batch = pad_batch(lm, seqs)
-    inputs = batch.model_inputs()
     owner_t = torch.tensor(owner, device=dev)
     lookups_t = torch.tensor(lookups, device=dev)
     tok_seq_t, tok_pos_t = torch.tensor(tok_seq, device=dev), torch.tensor(tok_pos, device=dev)
@@ -212,18 +218,26 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     first_seq = torch.tensor([int(essence_t[i]) - problems[i].n_templates for i in range(len(problems))], device=dev)
     sites = [Site(site_kind, lay) for lay in layers]  # type: ignore[arg-type]
     m = len(problems)
+    # Only the positions from the subject's last token on, at the blocks from the first edited one on, see δ.
+    if full_passes:
+        fwd = SplitForward(lm, seqs, [0] * len(seqs), 0)
+    else:
+        fwd = SplitForward(lm, seqs, lookups, min(s.layer + 1 if s.kind == "resid_out" else s.layer for s in sites))
+    n_seq = len(seqs)
+    lookup_cols = fwd.columns(torch.arange(n_seq, device=dev), lookups_t)  # δ's column in each row's recomputed part
+    # Scored rows: every target token, then every essence prompt. `gold` is -1 on essence rows.
+    row_seq = torch.cat([tok_seq_t, essence_t])
+    row_col = torch.cat([fwd.columns(tok_seq_t, tok_pos_t), lookup_cols[essence_t]])
+    row_gold = torch.cat([tok_gold_t, torch.full((m,), -1, device=dev)])
+    row_owner = torch.cat([tok_owner_t, torch.arange(m, device=dev)])
+    row_weight = torch.cat([tok_weight_t, torch.zeros(m, device=dev)])  # NLL weights; essence rows carry KL
 
-    with torch.no_grad(), capture(lm, sites) as acts:
-        base_logits = logits_at(lm, inputs, essence_t, lookups_t[essence_t])
-    # (m, S, d): bare prompt, subject's last token, per site
-    v_init = torch.stack([acts[site][first_seq, lookups_t[first_seq]] for site in sites], 1).clone()
-    essence_init = torch.log_softmax(base_logits.float(), dim=-1)  # (m, d_vocab)
-    del acts, base_logits
-
+    v_init = torch.zeros(m, len(sites), lm.arch.d_model(lm.model), device=dev)
+    keys: torch.Tensor | None = None
+    key_site = Site("mlp.key", layers[0]) if with_keys else None
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.lr)
-    max_norm = options.clamp_norm_factor * v_init.norm(dim=-1)  # (m, S)
-    v_norm_sq = v_init.norm(dim=-1) ** 2
+    essence_init = max_norm = v_norm_sq = None
     active = torch.ones(m, dtype=torch.bool, device=dev)
     losses: list[list[float]] = [[] for _ in range(m)]
     nll_final = [float("nan")] * m
@@ -232,29 +246,38 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     for step in range(1, options.steps + 1):
         seq_keep = active[owner_t]                      # sequences of unfinished requests
         keep_idx = seq_keep.nonzero()[:, 0]
-        new_index = torch.full((len(seqs),), -1, dtype=torch.long, device=dev)
+        new_index = torch.full((n_seq,), -1, dtype=torch.long, device=dev)
         new_index[keep_idx] = torch.arange(len(keep_idx), device=dev)
-        sub_inputs = {k: v[keep_idx] for k, v in inputs.items()}
-        tok_keep = active[tok_owner_t].nonzero()[:, 0]
+        row_keep = active[row_owner].nonzero()[:, 0]
         req_keep = active.nonzero()[:, 0]
-        sub_owner, sub_lookups = owner_t[keep_idx], lookups_t[keep_idx]
+        sub_owner, sub_cols = owner_t[keep_idx], lookup_cols[keep_idx]
         rows_local = torch.arange(len(keep_idx), device=dev)
 
         def add_delta(activation: torch.Tensor, site: Site) -> torch.Tensor:
+            j = sites.index(site)
+            if step == 1:  # δ = 0: this forward is the unedited one; read v at the bare prompts
+                v_init[:, j] = activation[first_seq, lookup_cols[first_seq]].detach()
             out = activation.clone()
-            out[rows_local, sub_lookups] = out[rows_local, sub_lookups] + delta[sub_owner, sites.index(site)]
+            out[rows_local, sub_cols] = out[rows_local, sub_cols] + delta[sub_owner, j]
             return out
 
-        rows = torch.cat([new_index[tok_seq_t[tok_keep]], new_index[essence_t[req_keep]]])
-        positions = torch.cat([tok_pos_t[tok_keep], lookups_t[essence_t[req_keep]]])
+        fns = {site: add_delta for site in sites}
         optimizer.zero_grad()
-        with patch(lm, {site: add_delta for site in sites}):
-            logits = logits_at(lm, sub_inputs, rows, positions).float()
-        n_tok = len(tok_keep)
+        with capture(lm, [key_site] if key_site and step == 1 else []) as acts:
+            hidden = fwd.final(None if len(keep_idx) == n_seq else keep_idx, fns)
+        if key_site is not None and step == 1:
+            keys = acts[key_site][torch.arange(n_seq, device=dev), lookup_cols]
+        logits = lm.arch.logits_from_final(lm.model, hidden[new_index[row_seq[row_keep]], row_col[row_keep]]).float()
+        del hidden
+        n_tok = int((row_gold[row_keep] >= 0).sum())   # target-token rows come first, then the essence rows
+        if step == 1:  # the unedited next-token distribution on the essence prompts
+            essence_init = torch.log_softmax(logits[n_tok:].detach(), dim=-1)  # (m, V)
+            max_norm = options.clamp_norm_factor * v_init.norm(dim=-1)     # (m, S)
+            v_norm_sq = v_init.norm(dim=-1) ** 2
         logp = torch.log_softmax(logits[:n_tok], dim=-1)
-        token_nll = -logp.gather(1, tok_gold_t[tok_keep][:, None])[:, 0]
+        token_nll = -logp.gather(1, row_gold[row_keep][:n_tok, None])[:, 0]
         nll = torch.zeros(m, device=dev, dtype=token_nll.dtype).index_add(
-            0, tok_owner_t[tok_keep], token_nll * tok_weight_t[tok_keep])[req_keep]
+            0, row_owner[row_keep][:n_tok], token_nll * row_weight[row_keep][:n_tok])[req_keep]
         essence_now = torch.log_softmax(logits[n_tok:], dim=-1)
         kl = (essence_init[req_keep].exp() * (essence_init[req_keep] - essence_now)).sum(-1)
         decay = options.weight_decay * (delta[req_keep].norm(dim=-1) / v_norm_sq[req_keep]).sum(-1)
@@ -286,11 +309,11 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
             delta.mul_(scale[..., None])
         active[req_keep[done]] = False
     if len(sites) > 1:
-        v_star = _seen_values(lm, sites, {k: v[first_seq] for k, v in inputs.items()}, lookups_t[first_seq],
-                              delta.detach())
+        v_star = _seen_values(fwd, sites, first_seq, lookup_cols[first_seq], delta.detach())
     else:
         v_star = (v_init + delta).detach()
     if isinstance(layer, int):
         v_star, v_init = v_star[:, 0], v_init[:, 0]
-    return [ValueResult(v_star=v_star[i], v_init=v_init[i], losses=losses[i], nll=nll_final[i], steps=steps[i])
+    return [ValueResult(v_star=v_star[i], v_init=v_init[i], losses=losses[i], nll=nll_final[i], steps=steps[i],
+                        keys=None if keys is None else keys[first_seq[i]:first_seq[i] + problems[i].n_templates])
             for i in range(m)]

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmedit.config import to_dict
-from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value, subject_keys
+from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.registry import editors
@@ -155,10 +155,11 @@ class RomeEditor(Editor[RomeConfig]):
 
     def _one(self, lm: LM, layer: int, request: EditRequest, C: torch.Tensor, prefixes: Sequence[str],
              module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        templates = [p + request.prompt for p in prefixes]
-        keys = subject_keys(lm, layer, templates, request.subject)  # (n_templates, d_mlp)
+        # The keys at the subject's last token of each prefixed prompt come out of the optimisation's
+        # first (unedited) forward: (n_templates, d_mlp), row 0 the bare prompt.
+        value = optimize_value(lm, layer, request, prefixes, self.config.value_options(), with_keys=True)
+        keys = value.keys
         k_star = keys.mean(0)
-        value = optimize_value(lm, layer, request, prefixes, self.config.value_options())
         W = lm.arch.weight(lm.model, layer, "mlp_out")
         bias = getattr(module, "bias", None)
         k_solve = keys[0] if self.config.original_key_mix else None  # keys[0]: the bare prompt ("" prefix)

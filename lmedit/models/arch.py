@@ -128,9 +128,13 @@ class ArchSpec:
     def d_mlp(self, model: nn.Module) -> int:
         return self.weight(model, 0, "mlp_out").shape[1]
 
+    def unembedding(self, model: nn.Module) -> nn.Module:
+        """The module that maps final-norm outputs to logits (lm_head; soft-capping, if any, comes after it)."""
+        return _get(model, self.unembed)
+
     def logits_from_final(self, model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Logits from final-norm outputs, applying the config's final soft-capping (Gemma 2) as the model does."""
-        logits = _get(model, self.unembed)(hidden)
+        logits = self.unembedding(model)(hidden)
         cap = getattr(model.config, "final_logit_softcapping", None)
         if cap:
             logits = torch.tanh(logits / cap) * cap

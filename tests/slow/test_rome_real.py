@@ -60,3 +60,18 @@ def test_subject_lookup_on_real_tokenizers(gemma, smollm):
             rest = lm.tokenizer.decode(ids[span.last + 1:])
             assert text.endswith(rest) and subject not in rest
         assert len(target_ids(lm, "Rome")) == 1
+
+
+@pytest.mark.parametrize("model_fixture,layer", [("gemma", 2), ("smollm", 4)])
+def test_delta_only_passes_give_the_full_forward_answer(model_fixture, layer, request):
+    """v* from the δ-only passes (`SplitForward`) equals the full-forward v* to 1e-5 on the real models."""
+    from lmedit.editors._value import ValueOptions, optimize_value
+
+    lm = request.getfixturevalue(model_fixture)
+    prefixes = ["", "Yesterday I walked to the market. ", "The weather was cold. "]
+    options = ValueOptions(steps=5, clamp_norm_factor=1.0)
+    full = optimize_value(lm, layer, EIFFEL, prefixes, options, full_passes=True, with_keys=True)
+    split = optimize_value(lm, layer, EIFFEL, prefixes, options, with_keys=True)
+    assert split.steps == full.steps
+    assert ((split.v_star - full.v_star).norm() / full.v_star.norm()).item() < 1e-5
+    assert ((split.keys - full.keys).norm() / full.keys.norm()).item() < 1e-5

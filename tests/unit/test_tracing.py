@@ -63,7 +63,6 @@ def _hand_cell(lm, prompt, subject, answer_id, restore_sites, token, *, samples,
             act[0, token] = clean[site]
             return act
 
-        corrupted = {}
         with torch.no_grad(), patch(lm, {Site("embed"): corrupt}), capture(lm, freeze) as corrupted:
             lm.model(input_ids=x)
         fns = {Site("embed"): corrupt, **{site: restore for site in restore_sites},

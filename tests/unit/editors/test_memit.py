@@ -163,7 +163,6 @@ def test_per_layer_values_reproduce_the_optimised_forward(family):
 def _seen_layer_value(lm, request, layers, first_value):
     """Layer layers[1]'s output at the subject's last token when layer layers[0]'s output there is `first_value`."""
     last = subject_span(lm, request.prompt, request.subject).last
-    seen = {}
 
     def put(activation, site):
         out = activation.clone()

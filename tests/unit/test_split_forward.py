@@ -1,0 +1,131 @@
+"""`SplitForward` (δ-only passes) against plain full forwards, and the value optimisation built on it."""
+
+import pytest
+import torch
+
+from lmedit.editors._value import ValueOptions, optimize_values
+from lmedit.hooks import capture, patch
+from lmedit.split_forward import SplitForward
+from lmedit.testing import tiny_lm
+from lmedit.tokens import pad_batch, prompt_ids, subject_span
+from lmedit.types import EditRequest, Site
+
+TEMPLATES = ["{} is located in the city of", "Hello there. {} is located in the city of",
+             "A much longer prefix text, with more words in it. {} is located in the city of", "{} is a"]
+SUBJECT = "The Eiffel Tower"
+REQUESTS = [EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris"),
+            EditRequest("{} plays the sport of", "Michael Jordan", "soccer", "basketball")]
+PREFIXES = ["", "Hello there. ", "A much longer prefix text, with more words in it. "]
+
+
+def _batch(lm):
+    seqs = [prompt_ids(lm, t.format(SUBJECT)) for t in TEMPLATES]
+    splits = [subject_span(lm, t, SUBJECT).last for t in TEMPLATES]
+    return seqs, splits
+
+
+def _full_final(lm, seqs, fns):
+    site = Site("final_norm")
+    with torch.no_grad(), patch(lm, fns), capture(lm, [site], stop_after=site) as acts:
+        lm.model(**pad_batch(lm, seqs).model_inputs(), use_cache=False)
+    return acts[site]
+
+
+@pytest.mark.parametrize("layer", [0, 1, 3])
+def test_split_forward_matches_full_forward(tiny_family_lm, layer):
+    """With δ added at the subject's last token of block `layer`, every recomputed position matches the full forward."""
+    lm = tiny_family_lm
+    seqs, splits = _batch(lm)
+    torch.manual_seed(0)
+    delta = torch.randn(lm.arch.d_model(lm.model))
+    rows = torch.arange(len(seqs))
+
+    def add_full(act, site):
+        out = act.clone()
+        out[rows, torch.tensor(splits)] += delta
+        return out
+
+    full = _full_final(lm, seqs, {Site("mlp.out", layer): add_full})
+    fwd = SplitForward(lm, seqs, splits, layer)
+    cols = fwd.columns(rows, torch.tensor(splits))
+    assert (cols == 0).all() and fwd.P == max(splits) > 0
+
+    def add_split(act, site):
+        out = act.clone()
+        out[rows, cols] += delta
+        return out
+
+    with torch.no_grad():
+        part = fwd.final(None, {Site("mlp.out", layer): add_split})
+    for i, (s, at) in enumerate(zip(seqs, splits)):
+        torch.testing.assert_close(part[i, :len(s) - at], full[i, at:len(s)], rtol=1e-5, atol=1e-5)
+    # A sub-batch of rows reads the right rows of the cache.
+    sub = torch.tensor([2, 0])
+    with torch.no_grad():
+        some = fwd.final(sub, {Site("mlp.out", layer): lambda act, site: act.index_put(
+            (torch.arange(2), cols[sub]), act[torch.arange(2), cols[sub]] + delta)})
+    for j, i in enumerate(sub.tolist()):
+        at = splits[i]
+        torch.testing.assert_close(some[j, :len(seqs[i]) - at], full[i, at:len(seqs[i])], rtol=1e-5, atol=1e-5)
+
+
+def test_split_forward_past_a_sliding_window():
+    """Gemma 3's sliding-window layers (window 16 in the tiny model) with prompts longer than the window."""
+    lm = tiny_lm("gemma3_text")
+    assert lm.model.config.sliding_window == 16
+    long = "word " * 30 + "{} is located in"
+    seqs = [prompt_ids(lm, t.format(SUBJECT)) for t in (long, "{} is located in")]
+    splits = [subject_span(lm, t, SUBJECT).last for t in (long, "{} is located in")]
+    assert len(seqs[0]) > 2 * 16
+    full = _full_final(lm, seqs, {})
+    with torch.no_grad():
+        part = SplitForward(lm, seqs, splits, 2).final()
+    for i, (s, at) in enumerate(zip(seqs, splits)):
+        torch.testing.assert_close(part[i, :len(s) - at], full[i, at:len(s)], rtol=1e-5, atol=1e-5)
+
+
+def test_split_forward_gradient_reaches_delta_only_through_recomputed_part(tiny_llama):
+    lm = tiny_llama
+    seqs, splits = _batch(lm)
+    fwd = SplitForward(lm, seqs, splits, 2)
+    delta = torch.zeros(lm.arch.d_model(lm.model), requires_grad=True)
+
+    def add(act, site):
+        out = act.clone()
+        out[:, 0] += delta
+        return out
+
+    fwd.final(None, {Site("mlp.out", 2): add}).sum().backward()
+    assert delta.grad is not None and delta.grad.abs().sum() > 0
+
+
+def test_split_forward_rejects_bad_splits(tiny_llama):
+    with pytest.raises(ValueError, match="outside"):
+        SplitForward(tiny_llama, [[1, 2, 3]], [3], 0)
+    with pytest.raises(ValueError, match="one split point"):
+        SplitForward(tiny_llama, [[1, 2, 3]], [0, 1], 0)
+
+
+@pytest.mark.parametrize("layer,kind", [(1, "mlp.out"), ((1, 2), "mlp.out"), (2, "resid_out")])
+def test_value_optimisation_same_answer_as_full_passes(tiny_family_lm, layer, kind):
+    """v* from the δ-only passes equals the full-forward result to 1e-5, with the same number of steps."""
+    lm = tiny_family_lm
+    layers = list(layer) if isinstance(layer, tuple) else layer
+    options = ValueOptions(steps=8)
+    full = optimize_values(lm, layers, REQUESTS, PREFIXES, options, site_kind=kind, full_passes=True)
+    split = optimize_values(lm, layers, REQUESTS, PREFIXES, options, site_kind=kind)
+    for a, b in zip(full, split):
+        assert a.steps == b.steps
+        assert ((a.v_star - b.v_star).norm() / a.v_star.norm()).item() < 1e-5
+        assert ((a.v_init - b.v_init).norm() / a.v_init.norm()).item() < 1e-5
+        assert a.losses == pytest.approx(b.losses, rel=1e-4, abs=1e-6)
+
+
+def test_value_optimisation_keys_match_subject_keys(tiny_llama):
+    """ROME's keys, read in the optimisation's first forward, are the keys `subject_keys` computes on its own."""
+    from lmedit.editors._value import subject_keys
+
+    lm = tiny_llama
+    result = optimize_values(lm, 1, REQUESTS[:1], PREFIXES, ValueOptions(steps=2), with_keys=True)[0]
+    expected = subject_keys(lm, 1, [p + REQUESTS[0].prompt for p in PREFIXES], REQUESTS[0].subject)
+    torch.testing.assert_close(result.keys, expected, rtol=1e-5, atol=1e-6)
