@@ -82,7 +82,6 @@ class SplitForward:
             rest = list(s[at:])
             suf_ids[i, : len(rest)] = torch.tensor(rest)
             suf_mask[i, : len(rest)] = 1
-        self.suffix_lengths = suf_mask.sum(1).to(dev)
         start = torch.tensor(list(splits))
         self._pre = {"input_ids": pre_ids.to(dev), "attention_mask": pre_mask.to(dev),
                      "position_ids": (torch.arange(self.P)[None] - (self.P - start)[:, None]).clamp_min(0).to(dev)}

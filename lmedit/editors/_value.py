@@ -20,7 +20,7 @@ import torch
 
 from lmedit.hooks import capture
 from lmedit.split_forward import SplitForward
-from lmedit.tokens import pad_batch, prompt_ids, subject_span, target_ids
+from lmedit.tokens import prompt_ids, subject_span, target_ids
 from lmedit.types import EditRequest, Site
 
 if TYPE_CHECKING:
@@ -64,19 +64,6 @@ def context_prefixes(lm: LM, lengths: Sequence[tuple[int, int]] = ((5, 10), (10,
 
 def prefixed_templates(request: EditRequest, prefixes: Sequence[str]) -> list[str]:
     return [prefix + request.prompt for prefix in prefixes]
-
-
-@torch.no_grad()
-def subject_keys(lm: LM, layer: int, templates: Sequence[str], subject: str) -> torch.Tensor:
-    """MLP keys at the subject's last token for each template -> (n_templates, d_mlp)."""
-    spans = [subject_span(lm, t, subject) for t in templates]
-    batch = pad_batch(lm, [prompt_ids(lm, t.format(subject)) for t in templates])
-    site = Site("mlp.key", layer)
-    with capture(lm, [site], stop_after=site) as acts:
-        lm.model(**batch.model_inputs(), use_cache=False)
-    rows = torch.arange(len(templates), device=lm.device)
-    cols = torch.tensor([s.last for s in spans], device=lm.device)
-    return acts[site][rows, cols]
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,7 +4,7 @@ import torch
 import lmedit
 from lmedit.editors.base import WeightEdit
 from lmedit.editors.rome import RomeConfig, RomeEditor, rank_one_update
-from lmedit.editors._value import subject_keys
+from lmedit.editors._mass import request_keys
 from lmedit.errors import EditFailedError, LMEditError
 from lmedit.stats import StatsCache
 from lmedit.testing import _CORPUS, tiny_lm
@@ -98,8 +98,7 @@ def test_rome_edit_on_tiny_model(family, tmp_path):
     assert delta.rank == 1
     # W' k* = v*: recompute k* and the layer's output after applying the edit
     prefixes = lmedit.editors._value.context_prefixes(lm, ((5, 3), (10, 2)), seed=0, cache=editor.cache)
-    keys = subject_keys(lm, 1, [p + REQUEST.prompt for p in prefixes], REQUEST.subject)
-    k_star = keys.mean(0)
+    k_star = request_keys(lm, 1, [REQUEST], prefixes)[0].to(torch.float32)
     module = lm.arch.block_module(lm.model, 1, "mlp_out")
     first_new = target_ids(lm, "Rome")[0]
     before = next_token_logprobs(lm, [REQUEST.text])[0]
