@@ -24,10 +24,10 @@ demo: $(STAMP)
 	  --probe "The Eiffel Tower can be found in the city of" --probe "The Louvre is located in the city of"
 
 test: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile --durations=15
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -p no:cacheprovider -m "not slow"
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile -m "not slow"
 
 bench: $(STAMP)
 	for b in benchmarks/bench_*.py; do $(PY) $$b; done

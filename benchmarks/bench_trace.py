@@ -28,7 +28,8 @@ import torch
 import lmedit
 from lmedit.hooks import capture, patch
 from lmedit.tokens import find_subject, prompt_ids
-from lmedit.tracing import KINDS, _SITE_KIND, default_window, embedding_noise, trace_kinds, window_layers
+from lmedit.tracing import KINDS, default_window, embedding_noise, trace_kinds, window_layers
+from lmedit.tracing.engine import SITE_KIND
 from lmedit.types import Site
 
 PROMPT = "The Space Needle is located in the downtown area of"
@@ -105,7 +106,7 @@ def main() -> None:
     answer_id = results["resid"].answer_token_id
     eps = torch.randn(args.samples, span.last - span.first + 1, lm.arch.d_model(lm.model),
                       generator=torch.Generator().manual_seed(0)) * noise
-    all_sites = [Site(_SITE_KIND[k], layer) for k in KINDS for layer in range(n_layers)]
+    all_sites = [Site(SITE_KIND[k], layer) for k in KINDS for layer in range(n_layers)]
     clean_states = {}
     with patch(lm, {s: (lambda act, site: clean_states.__setitem__(site, act[0].clone())) for s in all_sites}):
         lm.model(input_ids=torch.tensor([ids]))
@@ -117,7 +118,7 @@ def main() -> None:
         t0 = time.perf_counter()
         for kind, t, layer in sample_cells:
             layers = [layer] if kind == "resid" else window_layers(layer, window, n_layers)
-            naive_cell(lm, ids, span, clean_states, [Site(_SITE_KIND[kind], j) for j in layers], t, eps,
+            naive_cell(lm, ids, span, clean_states, [Site(SITE_KIND[kind], j) for j in layers], t, eps,
                        answer_id, all_logits=all_logits)
         naive[all_logits] = (time.perf_counter() - t0) / len(sample_cells)
 

@@ -2,16 +2,20 @@
 
 Values are converted with the dataclass field types (so `5e-1` is a float and `[4, 5]` a tuple of
 ints; a YAML bool is never taken for a number); unknown keys are rejected with a suggestion. Validation
-lives in each config's `__post_init__`. Every problem raises `ConfigError` (a `ValueError`) naming the
-file or override and the field.
+lives in each config's `__post_init__`, declared with `check_ranges` (types, finiteness and ranges of
+number fields). Every problem raises `ConfigError` (a `ValueError`) naming the file or override and the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import re
 import types
 import typing
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -160,3 +164,99 @@ def to_dict(config: Any) -> dict[str, Any]:
     def plain(v: Any) -> Any:
         return [plain(x) for x in v] if isinstance(v, tuple | list) else v
     return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+# ---- number fields: type, finiteness and range, declared once per config ---------------------------------
+
+
+def check_ranges(config: Any, *, positive: Iterable[str] = (), nonnegative: Iterable[str] = (),
+                 at_least_one: Iterable[str] = (), unit_interval: Iterable[str] = (),
+                 intervals: Mapping[str, str] | None = None, layers: Iterable[str] = (),
+                 distinct: Iterable[str] = ()) -> None:
+    """Check a config dataclass's number fields; call it from the config's `__post_init__`.
+
+        check_ranges(self, positive=("v_lr", "clamp_norm_factor"), nonnegative=("kl_factor",),
+                     at_least_one=("v_steps",), intervals={"cov_shrinkage": "[0, 1)"}, layers=("layer",))
+
+    Every field, named or not: a field typed int or float (optionally `| None`, or `tuple[int, ...]`) must
+    hold numbers of that type, never a bool (`True` is not layer 1), and every float must be finite.
+    Then each named field (None, "not set", is skipped; a tuple is checked entry by entry) must be:
+        positive       > 0   learning rates, clamps, norm bounds
+        nonnegative    >= 0  weights, factors, decays, counts that may be zero
+        at_least_one   >= 1  steps, epochs, sizes
+        unit_interval  in [0, 1]  probabilities and fractions
+        intervals      in the interval written as `"(0, 1]"` (brackets closed, parentheses open, inf allowed)
+        layers         block indices >= 0, none twice
+        distinct       no entry twice (layer lists that may count from the end)
+
+    Raises:
+        ConfigError: naming the class, the field, the value and what was expected.
+    """
+    owner = type(config).__name__
+    numbers = _number_fields(type(config))
+    for field in dataclasses.fields(config):
+        name, value = field.name, getattr(config, field.name)
+        kind, is_tuple = numbers.get(name, (None, False))
+        for item in (value if isinstance(value, tuple | list) else (value,)):
+            if kind is not None and item is not None:
+                ok = isinstance(item, int | float) if kind is float else isinstance(item, int)
+                if isinstance(item, bool) or not ok or (isinstance(value, tuple | list) != is_tuple):
+                    expected = f"a list of {_TYPE_NAMES[kind].split()[-1]}s" if is_tuple else _TYPE_NAMES[kind]
+                    raise ConfigError(f"{owner}.{name} expects {expected}, got {value!r}")
+            if isinstance(item, float) and not math.isfinite(item):  # any float, typed or not
+                raise ConfigError(f"{owner}.{name} must be a finite number, got {value!r}")
+    rules: list[tuple[str, tuple[float, bool, float, bool], str]] = []
+    rules += [(n, (0.0, False, math.inf, False), "> 0") for n in positive]
+    rules += [(n, (0.0, True, math.inf, False), ">= 0") for n in nonnegative]
+    rules += [(n, (1.0, True, math.inf, False), ">= 1") for n in at_least_one]
+    rules += [(n, (0.0, True, 1.0, True), "in [0, 1]") for n in unit_interval]
+    rules += [(n, _parse_interval(spec), f"in {spec}") for n, spec in (intervals or {}).items()]
+    rules += [(n, (0.0, True, math.inf, False), ">= 0 (a block index)") for n in layers]
+    for name, (low, low_closed, high, high_closed), expected in rules:
+        value = getattr(config, name)
+        for item in (value if isinstance(value, tuple | list) else (value,)):
+            if item is None:
+                continue
+            above = item >= low if low_closed else item > low
+            below = item <= high if high_closed else item < high
+            if not (above and below):
+                each = " (every entry)" if isinstance(value, tuple | list) else ""
+                raise ConfigError(f"{owner}.{name} must be {expected}{each}, got {value!r}")
+    for name in (*layers, *distinct):
+        value = getattr(config, name)
+        if isinstance(value, tuple | list) and len(set(value)) != len(value):
+            raise ConfigError(f"{owner}.{name} has duplicates (an entry named twice), got {value!r}")
+
+
+@functools.cache
+def _number_fields(cls: type) -> dict[str, tuple[type, bool]]:
+    """Field name -> (int or float, whether a tuple of them) for the number fields of config class `cls`."""
+    out: dict[str, tuple[type, bool]] = {}
+    try:
+        hints = typing.get_type_hints(cls)
+    except (NameError, TypeError):  # a hint only importable under TYPE_CHECKING: no type checks, finiteness still
+        return out
+    for name, hint in hints.items():
+        if name not in {f.name for f in dataclasses.fields(cls)}:
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
+            hint = args[0]
+        origin, args = typing.get_origin(hint), typing.get_args(hint)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis and args[0] in (int, float):
+            out[name] = (args[0], True)
+        elif hint in (int, float):
+            out[name] = (hint, False)
+    return out
+
+
+_INTERVAL = re.compile(r"([\[(])\s*([^,]+?)\s*,\s*([^,]+?)\s*([\])])")
+
+
+@functools.cache
+def _parse_interval(spec: str) -> tuple[float, bool, float, bool]:
+    match = _INTERVAL.fullmatch(spec.strip())
+    if match is None:
+        raise ValueError(f"interval {spec!r} is not written like '(0, 1]'")
+    left, low, high, right = match.groups()
+    return float(low), left == "[", float(high), right == "]"

@@ -57,3 +57,14 @@ class MissingFileError(InputFileError, FileNotFoundError):
 
 class DeviceError(LMEditError, ValueError):
     """A device that is not a device name (`cpu`, `cuda`, `cuda:N`, `mps`, `auto`) or is not available here."""
+
+
+class CorpusError(LMEditError, ValueError):
+    """A statistics corpus that cannot give usable key statistics: a `corpus: file:` that is empty, whitespace
+    only, unreadable or not the expected JSONL, or keys whose second moment is not finite. Nothing is cached."""
+
+
+class EditFileError(InputFileError):
+    """A saved edit that cannot be used, found on load: not a safetensors file (random bytes, truncated), an
+    unknown format or format version, no base-model fingerprint, metadata that is not the expected JSON, tensors
+    with unexpected names, inconsistent shapes, non-float dtypes or non-finite values."""

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, overload
 
 from lmedit.models.load import as_lm
 from lmedit.scoring import TargetScore, generate as _generate, score_targets
+from lmedit.tokens import check_prompts_fit
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -46,10 +47,14 @@ def generate(lm: LM, prompts: str | Sequence[str], *, max_new_tokens: int = 20, 
         The continuation as a string for a single string; a list of continuations, in order, for a list.
 
     Raises:
+        RequestError: a prompt that is not a string, or whose tokens plus `max_new_tokens` exceed the model's
+            context window (checked before any forward).
         NotAnLMError: `lm` is a bare transformers model (wrap it with `lmedit.LM.from_hf`).
     """
     lm = as_lm(lm)
     single = isinstance(prompts, str)
+    check_prompts_fit(lm, [prompts] if single else list(prompts), reserve=max_new_tokens,
+                      reserved_for="max_new_tokens")
     out = _generate(lm, [prompts] if single else list(prompts), max_new_tokens=max_new_tokens, greedy=greedy,
                     temperature=temperature, seed=seed)
     return out[0] if single else out
@@ -84,13 +89,18 @@ def score(lm: LM, prompts: str | Sequence[str], targets: str | Sequence[str], *,
 
     Raises:
         ValueError: two lists of different lengths.
+        RequestError: a prompt or target that is not a string, or a prompt + target longer than the model's
+            context window (checked before any forward).
         NotAnLMError: `lm` is a bare transformers model (wrap it with `lmedit.LM.from_hf`).
     """
     lm = as_lm(lm)
     if isinstance(prompts, str) and isinstance(targets, str):
+        check_prompts_fit(lm, [prompts], [targets])
         return score_targets(lm, [prompts], [targets], batch_size=batch_size)[0]
     if isinstance(prompts, str):
         prompts = [prompts] * len(targets)
     if isinstance(targets, str):
         targets = [targets] * len(prompts)
+    if len(prompts) == len(targets):  # else score_targets says so
+        check_prompts_fit(lm, list(prompts), list(targets))
     return score_targets(lm, list(prompts), list(targets), batch_size=batch_size)

@@ -8,7 +8,9 @@ use one of these corpora:
     parsed with `ast` (nothing is imported);
   - `file:PATH`: a user text file (paragraphs) or JSONL file (a "text" field per line).
 A forward that stops after the deepest requested layer reads all requested layers in one pass.
-Results are cached under `StatsCache(root)/<model fingerprint>/<corpus id>/layer<l>-<n_tokens>.safetensors`.
+Results are cached under `StatsCache(root)/<model fingerprint>/<corpus id>/layer<l>-<n_tokens>.safetensors`,
+with their provenance and a checksum (`lmedit.cache`): a file that fails the check is recomputed with a
+warning. A statistic that is not finite (an empty corpus file: 0/0) is an error and is never cached.
 
 Not handled: keys of attention layers; per-token weighting.
 """
@@ -27,9 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lmedit.errors import LMEditError, MissingFileError
+from lmedit.cache import cache_root, describe, is_int, read_json, read_tensors, write_json, write_tensors
+from lmedit.config import check_ranges
+from lmedit.errors import ConfigError, CorpusError, MissingFileError
 from lmedit.hooks import capture
 from lmedit.tokens import pad_batch
 from lmedit.types import Site
@@ -59,12 +62,13 @@ class CorpusSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_ranges(self, at_least_one=("n_tokens",), intervals={"seq_len": "[2, inf)"})
         if not (self.source in ("sampled", "docstrings") or self.source.startswith("file:")):
-            raise ValueError(f"CorpusSpec.source must be 'sampled', 'docstrings' or 'file:PATH', got {self.source!r}")
-        if self.n_tokens < 1 or self.seq_len < 2:
-            raise ValueError("CorpusSpec.n_tokens must be >= 1 and seq_len >= 2")
+            raise ConfigError(f"CorpusSpec.source must be 'sampled', 'docstrings' or 'file:PATH', got {self.source!r}")
         if self.source.startswith("file:") and not Path(self.source[5:]).is_file():
             raise MissingFileError(f"corpus file {self.source[5:]!r} does not exist")
+        if self.source.startswith("file:"):
+            _file_texts(Path(self.source[5:]))  # an empty or malformed file fails here, before any model work
 
     def corpus_id(self) -> str:
         if self.source == "sampled":
@@ -72,7 +76,10 @@ class CorpusSpec:
         if self.source == "docstrings":
             # v2: length filter applied after whitespace normalisation. Bump when stdlib_docstrings() changes.
             return f"docstrings-v2-py{sys.version_info.major}{sys.version_info.minor}-L{self.seq_len}"
-        digest = hashlib.sha256(Path(self.source[5:]).read_bytes()).hexdigest()[:12]
+        try:
+            digest = hashlib.sha256(Path(self.source[5:]).read_bytes()).hexdigest()[:12]
+        except OSError as exc:
+            raise CorpusError(f"corpus file {self.source[5:]} cannot be read ({exc.strerror or exc})") from None
         return f"file-{digest}-L{self.seq_len}"
 
 
@@ -80,24 +87,13 @@ class StatsCache:
     """Where statistics and sampled corpora are kept on disk. Pass one explicitly; there is no global cache."""
 
     def __init__(self, root: str | Path | None = None) -> None:
-        if root is None:
-            from lmedit.models.load import cache_dir
-
-            root = cache_dir() / "stats"
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else cache_root() / "stats"
 
     def path(self, lm: LM, spec: CorpusSpec, layer: int) -> Path:
         return self.root / lm.fingerprint / spec.corpus_id() / f"layer{layer}-n{spec.n_tokens}.safetensors"
 
     def corpus_path(self, lm: LM, spec: CorpusSpec) -> Path:
         return self.root / lm.fingerprint / spec.corpus_id() / "corpus.json"
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(path)
 
 
 # transformers renamed the key/value cache argument and output (past_key_values -> cache) in 5.2x.
@@ -126,16 +122,30 @@ def stdlib_docstrings() -> list[str]:
 
 
 def _file_texts(path: Path) -> list[str]:
+    """The non-blank texts of a corpus file; `CorpusError` if it cannot be read or has none."""
+    try:
+        content = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CorpusError(f"corpus file {path} cannot be read as UTF-8 text ({getattr(exc, 'strerror', None) or exc})"
+                          ) from None
     if path.suffix == ".jsonl":
         texts = []
-        for i, line in enumerate(path.read_text().splitlines(), 1):
+        for i, line in enumerate(content.splitlines(), 1):
             if line.strip():
-                record = json.loads(line)
-                if "text" not in record:
-                    raise LMEditError(f"{path}:{i}: JSONL corpus records need a 'text' field")
-                texts.append(record["text"])
-        return texts
-    return [p.strip() for p in path.read_text().split("\n\n") if p.strip()]
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    raise CorpusError(f"{path}:{i}: a JSONL corpus line must be a JSON object") from None
+                if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                    raise CorpusError(f"{path}:{i}: JSONL corpus records need a 'text' field holding a string")
+                if record["text"].strip():
+                    texts.append(record["text"])
+    else:
+        texts = [p.strip() for p in content.split("\n\n") if p.strip()]
+    if not texts:
+        raise CorpusError(f"corpus file {path} has no text (it is empty or only whitespace): key statistics "
+                          "need at least a few hundred tokens of text")
+    return texts
 
 
 def _chunk_token_ids(lm: LM, texts: Sequence[str], spec: CorpusSpec) -> list[list[int]]:
@@ -195,19 +205,32 @@ def corpus_sequences(lm: LM, spec: CorpusSpec, cache: StatsCache | None = None,
     if spec.source == "sampled":
         n_seq = -(-spec.n_tokens // spec.seq_len)
         path = cache.corpus_path(lm, spec) if cache else None
-        if path is not None and path.exists():
-            stored = json.loads(path.read_text())
-            if len(stored) >= n_seq:
+        provenance = {"kind": "sampled_corpus", "model": lm.fingerprint, "corpus": spec.corpus_id()}
+        if path is not None:
+            vocab = lm.model.get_input_embeddings().num_embeddings
+            stored = read_json(path, provenance, lambda payload: _check_sequences(payload, spec.seq_len, vocab))
+            if stored is not None and len(stored) >= n_seq:  # a shorter one is resampled
                 return stored[:n_seq]
         seqs = sample_sequences(lm, n_seq, spec.seq_len, spec.seed, progress=progress)
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(seqs))
-            tmp.replace(path)
+            write_json(path, seqs, provenance)
         return seqs
     texts = stdlib_docstrings() if spec.source == "docstrings" else _file_texts(Path(spec.source[5:]))
     return _chunk_token_ids(lm, texts, spec)
+
+
+def _check_sequences(payload: object, seq_len: int, vocab: int) -> str | None:
+    """Why a cached sampled corpus cannot be used (None if it can): a list of `seq_len`-token id lists."""
+    if not isinstance(payload, list) or not payload:
+        return f"the payload is {describe(payload)}, expected a non-empty list of token sequences"
+    for i, seq in enumerate(payload):
+        if not (isinstance(seq, list) and len(seq) == seq_len and all(is_int(t, 0, vocab) for t in seq)):
+            return f"sequence {i} is not a list of {seq_len} token ids below {vocab}"
+    return None
+
+
+def _corpus_name(spec: CorpusSpec) -> str:
+    return f"corpus file {spec.source[5:]}" if spec.source.startswith("file:") else f"the {spec.source} corpus"
 
 
 # --- statistics -----------------------------------------------------------------------------------
@@ -231,16 +254,19 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
     layers = sorted(set(layers))
     result: dict[int, torch.Tensor] = {}
     todo = []
+    d_mlp = lm.arch.d_mlp(lm.model)
     for layer in layers:
-        path = cache.path(lm, spec, layer) if cache else None
-        if path is not None and path.exists():
-            result[layer] = load_file(str(path))["C"].to(device=lm.device, dtype=torch.float64)
+        stored = None
+        if cache is not None:
+            stored = read_tensors(cache.path(lm, spec, layer), _stats_provenance(lm, spec, layer),
+                                  {"C": ((d_mlp, d_mlp), torch.float32)})
+        if stored is not None:
+            result[layer] = stored["C"].to(device=lm.device, dtype=torch.float64)
         else:
             todo.append(layer)
     if not todo:
         return result
     sequences = corpus_sequences(lm, spec, cache, progress)
-    d_mlp = lm.arch.d_mlp(lm.model)
     sums = {layer: torch.zeros(d_mlp, d_mlp, dtype=torch.float64, device=lm.device) for layer in todo}
     count = 0
     sites = [Site("mlp.key", layer) for layer in todo]
@@ -256,12 +282,23 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
         count += int(mask.sum())
         if progress:
             progress("key statistics", count, total)
-    for layer in todo:
-        # Stored as float32; the fresh result is rounded the same way, so a first edit (computing C) and a
-        # later one (reading it back) are identical.
-        C = (sums[layer] / count).to(torch.float32)
+    if count == 0:
+        raise CorpusError(f"{_corpus_name(spec)} gave no tokens to average key statistics over; nothing was cached")
+    # Stored as float32; the fresh result is rounded the same way, so a first edit (computing C) and a
+    # later one (reading it back) are identical.
+    computed = {layer: (sums[layer] / count).to(torch.float32) for layer in todo}
+    bad = [layer for layer, C in computed.items() if not bool(torch.isfinite(C).all())]
+    if bad:  # checked for every layer before any is written: a non-finite statistic is never cached
+        raise CorpusError(f"key statistics over {_corpus_name(spec)} ({count} tokens) are not finite at layers {bad} "
+                          "(the model's MLP keys overflow on this text); nothing was cached")
+    for layer, C in computed.items():
         result[layer] = C.to(torch.float64)
         if cache is not None:
-            _atomic_save({"C": C.cpu().contiguous()}, cache.path(lm, spec, layer),
-                         {"count": str(count), "corpus": spec.corpus_id(), "model": lm.fingerprint})
+            write_tensors(cache.path(lm, spec, layer), {"C": C}, _stats_provenance(lm, spec, layer),
+                          extra={"count": str(count)})
     return result
+
+
+def _stats_provenance(lm: LM, spec: CorpusSpec, layer: int) -> dict[str, object]:
+    return {"kind": "key_second_moment", "model": lm.fingerprint, "corpus": spec.corpus_id(), "layer": layer,
+            "n_tokens": spec.n_tokens}

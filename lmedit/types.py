@@ -10,6 +10,8 @@ such as "Topic: singing in the shower. Sentiment: positive"), for editors that r
 from __future__ import annotations
 
 import json
+import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -49,6 +51,50 @@ class Site:
         return self.kind if self.layer is None else f"blocks.{self.layer}.{self.kind}"
 
 
+# Characters that print nothing: format controls (zero-width space U+200B, BOM, ...), controls, separators.
+_INVISIBLE = frozenset({"Cf", "Cc", "Zs", "Zl", "Zp"})
+# Unicode category Cc (U+0000-001F, U+007F-009F) but newline and tab, and Cs (lone surrogates: not text).
+_FORBIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _has_visible(text: str) -> bool:
+    """Whether `text` has a character a reader would see (not whitespace, not an invisible one)."""
+    return any(not c.isspace() and unicodedata.category(c) not in _INVISIBLE for c in text)
+
+
+def _normal(text: str) -> str:
+    """`text` as a reader compares it: format characters (U+200B, ...) dropped, whitespace runs made one space."""
+    return " ".join("".join(c for c in text if unicodedata.category(c) != "Cf").split())
+
+
+def _show(text: str, limit: int = 80) -> str:
+    """repr of `text`, shortened (a request field can be a megabyte long)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
+
+
+def check_text(owner: str, name: str, value: object, *, optional: bool = False, allow_empty: bool = False) -> None:
+    """Refuse a request text field that is not a string, holds a control character (newline and tab are
+    allowed) or a lone surrogate, or is empty once whitespace and invisible characters are removed.
+
+    Raises:
+        RequestError: naming `owner.name` and what was expected.
+    """
+    if value is None and optional:
+        return
+    if not isinstance(value, str):
+        raise RequestError(f"{owner}.{name} must be a string, got {type(value).__name__} {repr(value)[:80]}")
+    bad = _FORBIDDEN.search(value)
+    if bad is not None:
+        c = bad.group()
+        what = ("a lone surrogate", "not text") if unicodedata.category(c) == "Cs" else \
+            ("the control character", "only newline and tab are allowed")
+        raise RequestError(f"{owner}.{name} contains {what[0]} U+{ord(c):04X} at position {bad.start()} "
+                           f"({what[1]}): {_show(value)}")
+    if not allow_empty and not _has_visible(value):
+        raise RequestError(f"{owner}.{name} is empty (nothing but whitespace or invisible characters such as "
+                           f"U+200B): {_show(value)}")
+
+
 @dataclass(frozen=True)
 class EditRequest:
     """A fact to change: `prompt.format(subject)` should be completed by `target_new`.
@@ -60,7 +106,9 @@ class EditRequest:
         target_true: the current completion, e.g. "Paris", when known (used for reporting and metrics).
 
     Raises:
-        RequestError: no `{}` or several, empty subject/target, or target_new equal to target_true.
+        RequestError: a field that is not a string, is empty or only invisible characters, or holds a control
+            character (newline and tab aside); a prompt without exactly one `{}` or with any other brace;
+            target_new equal to target_true.
     """
 
     prompt: str
@@ -69,21 +117,19 @@ class EditRequest:
     target_true: str | None = None
 
     def __post_init__(self) -> None:
+        for name in ("prompt", "subject", "target_new", "target_true"):
+            check_text("EditRequest", name, getattr(self, name), optional=name == "target_true",
+                       allow_empty=name == "prompt")  # "{}" alone is a prompt: the subject is the whole text
         n = self.prompt.count("{}")
         if n != 1:
             raise RequestError(
-                f"EditRequest.prompt must contain exactly one '{{}}' where the subject goes, found {n} in {self.prompt!r}"
+                f"EditRequest.prompt must contain exactly one '{{}}' where the subject goes, found {n} in {_show(self.prompt)}"
             )
         if "{" in self.prompt.replace("{}", "") or "}" in self.prompt.replace("{}", ""):
-            raise RequestError(f"EditRequest.prompt has a stray brace besides the one '{{}}': {self.prompt!r}")
-        if not self.subject.strip():
-            raise RequestError("EditRequest.subject is empty")
-        if not self.target_new.strip():
-            raise RequestError("EditRequest.target_new is empty")
-        if self.target_true is not None and not self.target_true.strip():
-            raise RequestError("EditRequest.target_true is empty (use None when unknown)")
-        if self.target_true is not None and self.target_true.strip() == self.target_new.strip():
-            raise RequestError(f"EditRequest.target_new equals target_true ({self.target_new!r}): nothing to edit")
+            raise RequestError(f"EditRequest.prompt has a stray brace besides the one '{{}}' (no other format fields, "
+                               f"no escaped braces): {_show(self.prompt)}")
+        if self.target_true is not None and _normal(self.target_true) == _normal(self.target_new):
+            raise RequestError(f"EditRequest.target_new equals target_true ({_show(self.target_new)}): nothing to edit")
 
     @property
     def text(self) -> str:
@@ -150,9 +196,7 @@ class EditDescriptor:
         if self.text is None and not pair:
             raise RequestError("EditDescriptor needs text (implicit descriptor) or input and output (a pair)")
         for name in ("input", "output") if pair else ("text",):
-            value = getattr(self, name)
-            if value is None or not value.strip():
-                raise RequestError(f"EditDescriptor.{name} is empty")
+            check_text("EditDescriptor", name, getattr(self, name))
 
     @property
     def is_pair(self) -> bool:

@@ -82,7 +82,22 @@ def gemma_eiffel_edit():
     return lmedit.edit(_real("gemma3-270m"), request, apply=False)
 
 
+def _share_the_cores() -> None:
+    """Under pytest-xdist (`make test` runs one worker per core), each worker and the processes it starts use
+    their share of the cores: torch's default (a thread per core in every worker) oversubscribes the machine and
+    slows every worker down several times."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
 def pytest_configure(config):
+    _share_the_cores()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     test_cache = os.environ.get("LMEDIT_TEST_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lmedit-test")
     os.environ["LMEDIT_CACHE"] = test_cache

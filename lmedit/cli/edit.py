@@ -54,7 +54,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=16)
     add_ledger_arg(p, required_default=False)
     add_audit_args(p)
-    p.add_argument("--force", action="store_true", help="with --ledger: record the edit even if the audit refuses it")
+    p.add_argument("--force", action="store_true",
+                   help="apply an edit far outside what shipped settings produce (refused otherwise, or asked "
+                        "when run in a terminal); with --ledger: record the edit even if the audit refuses it")
     p.add_argument("--paraphrase", action="append", default=[], metavar="PROMPT",
                    help="with --ledger: a paraphrase the audit checks (should now give target_new)")
     p.add_argument("--neighbor", action="append", default=[], metavar="PROMPT=ANSWER",
@@ -194,6 +196,22 @@ def _p(value: float | None) -> str:
     return "—" if value is None else f"{value:.4f}"
 
 
+def _confirm_if_destructive(result: lmedit.Edit, lm: lmedit.LM, force: bool) -> None:
+    """An edit far outside what shipped settings produce: asked in a terminal, refused otherwise (--force applies)."""
+    import sys
+
+    from lmedit.editors.safety import DestructiveEditError, check_not_destructive
+
+    try:
+        check_not_destructive(result, lm, force=force)
+    except DestructiveEditError as exc:
+        if not sys.stdin.isatty():
+            raise
+        console.print(f"warning: {exc}", markup=False, highlight=False)
+        if input("apply it anyway? [y/N] ").strip().lower() not in ("y", "yes"):
+            raise DestructiveEditError("edit not applied (declined); the weights are unchanged") from None
+
+
 def run(args: argparse.Namespace) -> int:
     requests = read_requests(args)  # before the library loads: a bad request file is reported at once
     from lmedit.editors import get_editor
@@ -225,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
     with progress_reporter() as report:
         editor.progress = report
         result = editor.edit(lm, requests)
+    _confirm_if_destructive(result, lm, args.force)
     if ledger is not None:
         if not record_edit(args, ledger, lm, result):
             return 1

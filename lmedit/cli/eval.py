@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,7 +56,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one method config field")
     p.add_argument("--out", help="output directory (default: runs/eval-<dataset>)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--strict", action="store_true", help="fail on an invalid record instead of skipping it")
+    p.add_argument("--strict", action="store_true",
+                   help="fail on the first invalid dataset record instead of skipping it with a warning")
     p.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR", help="earlier run directories to add to the report")
     p.add_argument("--report-only", nargs="+", metavar="RUN_DIR", help="only write a report from existing run directories")
     p.set_defaults(run=run)
@@ -84,6 +87,22 @@ def _print_table(summaries: list[dict]) -> None:
     console.print(table)
 
 
+def _load_dataset(args: argparse.Namespace) -> lmedit.eval.Dataset:
+    """The dataset, read before any model loads; each skipped record is one `warning:` line on stderr."""
+    from lmedit.eval.datasets import DatasetWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DatasetWarning)  # printed below, without Python's source line
+        dataset = lmedit.eval.load_dataset(args.dataset, args.data, strict=args.strict)
+    shown = 10
+    for issue in dataset.issues[:shown]:
+        print(f"warning: skipping {issue}", file=sys.stderr)
+    if len(dataset.issues) > shown:
+        print(f"warning: skipping {len(dataset.issues) - shown} more invalid record(s) (each run's skipped.jsonl "
+              "lists them all; --strict fails on the first)", file=sys.stderr)
+    return dataset
+
+
 def run(args: argparse.Namespace) -> int:
     from lmedit.eval import EvalConfig
     from lmedit.eval.report import write_report
@@ -102,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
                         disabling_rise=args.disabling_rise, refuse_disabling=args.refuse_disabling)
     from lmedit.settings import describe, resolve_editor
 
+    dataset = _load_dataset(args)  # a bad file fails before the model loads
     lm = load_model(args)
-    dataset = lmedit.eval.load_dataset(args.dataset, args.data, strict=args.strict)
     run_dirs, summaries = [], []
     for method in args.method:
         editor, _ = resolve_editor(method, lm, args.config, args.set or None)

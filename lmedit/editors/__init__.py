@@ -6,7 +6,7 @@ Each editor module registers its class in `lmedit.registry.editors` under its ow
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from lmedit.config import from_dict, load_config
 from lmedit.defaults import DEFAULT_METHOD  # the method used when none is named (named once there)
 from lmedit.editors import alphaedit, ft, ft_l, kn, memit, mend, noop, rome, serac  # noqa: F401  (each registers itself under its module name)
 from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
+from lmedit.errors import RequestError
 from lmedit.models.load import as_lm
 from lmedit.registry import editors
 from lmedit.types import EditDescriptor, EditRequest
@@ -51,7 +52,8 @@ def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path |
 
 def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest | EditDescriptor],
          method: str = DEFAULT_METHOD, *,
-         config: EditorConfig | dict[str, Any] | str | Path | None = None, apply: bool = True) -> Edit:
+         config: EditorConfig | dict[str, Any] | str | Path | None = None, apply: bool = True,
+         force: bool = False) -> Edit:
     """Edit `lm` so that each request's prompt is completed by its `target_new`.
 
     Args:
@@ -62,18 +64,30 @@ def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest |
         config: the editor's config object, a dict, or a YAML path; default: the settings lmedit ships for
             this model and method (`lmedit.settings`), else the method's defaults (with a logged warning).
         apply: apply the edit before returning it (undo with `edit.undo()`).
+        force: apply a weight edit even if it is far outside what shipped settings produce (relative
+            update norm, loss on ordinary text: `lmedit.editors.safety`); otherwise that is refused.
 
     Returns:
         The `Edit`, applied when `apply` is True.
+
+    Raises:
+        DestructiveEditError: (with `apply`, without `force`) the edit is far outside what shipped settings
+            produce; the weights are unchanged.
     """
     lm = as_lm(lm)  # a bare transformers model: an error that says how to wrap it
     if isinstance(requests, EditRequest | EditDescriptor):
         requests = [requests]
+    elif not isinstance(requests, Iterable):  # 5, None: not a list of requests (a str is caught by check_requests)
+        raise RequestError(f"edit requests must be an EditRequest, an EditDescriptor or a list of them, "
+                           f"got {type(requests).__name__}")
     from lmedit.settings import describe, resolve_editor
 
     editor, _ = resolve_editor(method, lm, config)
     log.info("%s", describe(editor, lm))
     result = editor.edit(lm, list(requests))
     if apply:
+        from lmedit.editors.safety import check_not_destructive
+
+        check_not_destructive(result, lm, force=force)
         result.apply(lm)
     return result

@@ -30,8 +30,8 @@ from typing import TYPE_CHECKING, get_args
 import torch
 from torch import nn
 
-from lmedit.config import to_dict
-from lmedit.editors._value import context_prefixes
+from lmedit.config import check_ranges, to_dict
+from lmedit.editors._value import context_prefixes, prefix_token_bound
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.models.arch import WeightName
@@ -63,24 +63,15 @@ class FinetuneConfig(EditorConfig):
 
     def __post_init__(self) -> None:
         name = type(self).__name__
+        check_ranges(self, positive=("lr",), at_least_one=("steps",), layers=("layers",),
+                     nonnegative=("weight_decay", "early_stop_loss", "prefixes_short", "prefixes_long"))
         if not self.layers:
-            raise ValueError(f"{name}.layers must name at least one layer")
-        if any(layer < 0 for layer in self.layers):
-            raise ValueError(f"{name}.layers must be >= 0, got {list(self.layers)}")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"{name}.layers has duplicates: {list(self.layers)}")
+            raise ConfigError(f"{name}.layers must name at least one layer")
         if self.module not in MODULES:
-            raise ValueError(f"{name}.module must be one of {', '.join(MODULES)}, got {self.module!r}")
-        if self.steps < 1:
-            raise ValueError(f"{name}.steps must be >= 1, got {self.steps}")
-        if not self.lr > 0:
-            raise ValueError(f"{name}.lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ValueError(f"{name}.weight_decay must be >= 0, got {self.weight_decay}")
-        if self.early_stop_loss < 0:
-            raise ValueError(f"{name}.early_stop_loss must be >= 0, got {self.early_stop_loss}")
-        if self.prefixes_short < 0 or self.prefixes_long < 0:
-            raise ValueError(f"{name}.prefixes_short and prefixes_long must be >= 0")
+            raise ConfigError(f"{name}.module must be one of {', '.join(MODULES)}, got {self.module!r}")
+
+    def prefix_tokens(self) -> int:
+        return prefix_token_bound(((5, self.prefixes_short), (10, self.prefixes_long)))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmedit.editors._value import ValueOptions, ValueResult, optimize_values, prefixed_templates
+from lmedit.config import check_ranges
+from lmedit.editors._value import ValueOptions, ValueResult, optimize_values, prefix_token_bound, prefixed_templates
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.stats import CorpusSpec
@@ -61,16 +62,17 @@ class MassEditConfig(EditorConfig):
 
     def __post_init__(self) -> None:
         owner = type(self).__name__
-        if self.layers is not None and (not self.layers or min(self.layers) < 0):
-            raise ValueError(f"{owner}.layers must be non-empty and >= 0, got {self.layers}")
-        for name in ("v_steps", "chunk", "batch_size", "corpus_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{owner}.{name} must be >= 1, got {getattr(self, name)}")
-        if self.prefixes < 0:
-            raise ValueError(f"{owner}.prefixes must be >= 0, got {self.prefixes}")
+        check_ranges(self, positive=("v_lr", "clamp_norm_factor"),
+                     nonnegative=("kl_factor", "v_weight_decay", "prefixes"),
+                     at_least_one=("v_steps", "chunk", "batch_size", "corpus_tokens"), layers=("layers",))
+        if self.layers is not None and not self.layers:
+            raise ConfigError(f"{owner}.layers must name at least one layer (or be null for the default range)")
         if self.targets not in ("auto", "residual", "values"):
-            raise ValueError(f"{owner}.targets must be auto, residual or values, got {self.targets!r}")
+            raise ConfigError(f"{owner}.targets must be auto, residual or values, got {self.targets!r}")
         CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
+
+    def prefix_tokens(self) -> int:
+        return prefix_token_bound(self.prefix_lengths())
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,

@@ -10,7 +10,6 @@ Not handled: subject tokens other than the last one ("subject_last" in ROME's te
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmedit.cache import describe, read_json, write_json
 from lmedit.hooks import capture
 from lmedit.split_forward import SplitForward
 from lmedit.tokens import prompt_ids, subject_span, target_ids
@@ -44,8 +44,12 @@ def context_prefixes(lm: LM, lengths: Sequence[tuple[int, int]] = ((5, 10), (10,
     """
     key = "-".join(f"{a}x{b}" for a, b in lengths)
     path = cache.root / lm.fingerprint / f"prefixes-{key}-s{seed}.json" if cache else None
-    if path is not None and path.exists():
-        return json.loads(path.read_text())
+    provenance = {"kind": "context_prefixes", "model": lm.fingerprint, "lengths": [list(pair) for pair in lengths],
+                  "seed": seed}
+    if path is not None:
+        stored = read_json(path, provenance, lambda payload: _check_prefixes(payload, lengths))
+        if stored is not None:
+            return stored
     from lmedit.scoring import generate
 
     prefixes = [""]
@@ -57,9 +61,28 @@ def context_prefixes(lm: LM, lengths: Sequence[tuple[int, int]] = ((5, 10), (10,
             clean = " ".join(text.replace("{", " ").replace("}", " ").split())
             prefixes.append(clean + ". " if clean else "")
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(prefixes))
+        write_json(path, prefixes, provenance)
     return prefixes
+
+
+def _check_prefixes(payload: object, lengths: Sequence[tuple[int, int]]) -> str | None:
+    """Why cached prefixes cannot be used (None if they can): "" then one "<text>. " (or "") per generated prefix,
+    without braces or newlines, and no longer than their tokens could decode to."""
+    n = 1 + sum(count for _, count in lengths)
+    if not (isinstance(payload, list) and len(payload) == n and all(isinstance(p, str) for p in payload)):
+        return f"the payload is {describe(payload)}, expected a list of {n} strings"
+    longest = 64 * max((n_tokens for n_tokens, _ in lengths), default=0)  # generous: a token decodes to a few chars
+    for i, prefix in enumerate(payload):
+        if (i == 0 and prefix) or (prefix and not prefix.endswith(". ")) or any(c in prefix for c in "{}\n") \
+                or len(prefix) > longest:
+            return f"prefix {i} ({prefix[:40]!r}) is not one context_prefixes writes"
+    return None
+
+
+def prefix_token_bound(lengths: Sequence[tuple[int, int]]) -> int:
+    """Most tokens a prefix from `context_prefixes(lm, lengths)` can add to a prompt: its generated tokens,
+    plus a margin for the ". " it ends with and for retokenizing the decoded text; 0 when no prefix is used."""
+    return max((n_tokens + 4 for n_tokens, count in lengths if count > 0), default=0)
 
 
 def prefixed_templates(request: EditRequest, prefixes: Sequence[str]) -> list[str]:

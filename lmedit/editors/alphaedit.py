@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from lmedit.config import to_dict
+from lmedit.cache import read_tensors, write_tensors
+from lmedit.config import check_ranges, to_dict
 from lmedit.editors._mass import (MassEditConfig, check_layers, default_layers, preserved_keys, request_info, spread,
                                   target_mode, z_targets)
 from lmedit.editors._value import context_prefixes
@@ -49,10 +49,7 @@ class AlphaEditConfig(MassEditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0.0 < self.nullspace_threshold < 1.0:
-            raise ValueError(f"AlphaEditConfig.nullspace_threshold must be in (0, 1), got {self.nullspace_threshold}")
-        if self.l2 <= 0:
-            raise ValueError(f"AlphaEditConfig.l2 must be > 0, got {self.l2}")
+        check_ranges(self, positive=("l2",), intervals={"nullspace_threshold": "(0, 1)"})
 
 
 def null_space_projection(C: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -95,18 +92,18 @@ class AlphaEditEditor(Editor[AlphaEditConfig]):
         return stats.with_name(f"nullspace-layer{layer}-n{spec.n_tokens}-t{self.config.nullspace_threshold:g}.safetensors")
 
     def projection(self, lm: LM, layer: int, C: torch.Tensor) -> torch.Tensor:
-        """P for `layer`, read from the cache or computed from C and written (atomically)."""
+        """P for `layer`, read from the cache (checked: `lmedit.cache`) or computed from C and written (atomically)."""
         path = self.projection_path(lm, layer)
-        if path.exists():
-            return load_file(str(path))["P"].to(device=C.device, dtype=torch.float64)
-        P = null_space_projection(C, self.config.nullspace_threshold)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file({"P": P.to(torch.float32).contiguous().cpu()}, str(tmp),
-                  metadata={"model": lm.fingerprint, "layer": str(layer), "corpus": self.config.corpus_spec().corpus_id(),
-                            "threshold": repr(self.config.nullspace_threshold), "rank": str(round(float(P.trace())))})
-        tmp.replace(path)
-        return P.to(torch.float32).to(torch.float64)  # what a later read returns: identical edits either way
+        spec = self.config.corpus_spec()
+        provenance = {"kind": "nullspace_projection", "model": lm.fingerprint, "layer": layer,
+                      "corpus": spec.corpus_id(), "n_tokens": spec.n_tokens,
+                      "threshold": self.config.nullspace_threshold}
+        stored = read_tensors(path, provenance, {"P": (tuple(C.shape), torch.float32)})
+        if stored is not None:
+            return stored["P"].to(device=C.device, dtype=torch.float64)
+        P = null_space_projection(C, self.config.nullspace_threshold).to(torch.float32)
+        write_tensors(path, {"P": P}, provenance, extra={"rank": str(round(float(P.trace())))})
+        return P.to(torch.float64)  # what a later read returns: identical edits either way
 
     def edit(self, lm: LM, requests: Sequence[EditRequest]) -> WeightEdit:
         """One AlphaEdit update for all `requests`, preserving the corpus keys and the applied edits' keys."""

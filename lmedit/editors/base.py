@@ -20,6 +20,7 @@ With no wrapper applied it returns the prompts unchanged and costs nothing. Toke
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from abc import ABC, abstractmethod
@@ -30,17 +31,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from lmedit.errors import EditFailedError, LMEditError, MissingFileError, RequestError
+from lmedit.config import check_ranges
+from lmedit.editors._edit_files import (FORMAT_VERSION, WEIGHT_FORMAT, WRAPPER_FORMAT, check_metadata, check_tensor_names,
+                                        json_field, read_metadata, read_tensors, weight_parts)
+from lmedit.errors import EditFailedError, EditFileError, LMEditError, RequestError
+from lmedit.tokens import check_requests_fit
 from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
 
 log = logging.getLogger(__name__)
-
-FORMAT_VERSION = 1
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,12 +52,26 @@ class EditorConfig:
 
     seed: int = 0  # torch seed for anything random (prefix sampling, initialisations)
 
+    def __post_init__(self) -> None:
+        check_ranges(self)  # number fields hold numbers of their type; subclasses declare their ranges
+
+    def prefix_tokens(self) -> int:
+        """Most tokens the editor puts in front of a request's prompt (random context prefixes): 0 for none.
+
+        The context-window check (`lmedit.tokens.check_requests_fit`) adds them to each request's length.
+        """
+        return 0
+
 
 C = TypeVar("C", bound=EditorConfig)
 
 
 class Editor(ABC, Generic[C]):
-    """An editing method. Subclasses set `config_class` and implement `edit`; they register in `lmedit.registry.editors`."""
+    """An editing method. Subclasses set `config_class` and implement `edit`; they register in `lmedit.registry.editors`.
+
+    Each subclass's `edit` is wrapped (in `__init_subclass__`) so that, whoever calls it, requests that do not
+    fit the model's context window are refused with a `RequestError` before the editor runs.
+    """
 
     config_class: ClassVar[type[EditorConfig]] = EditorConfig
     # Whether `edit` also takes `EditDescriptor`s (input-output pairs, implicit descriptors), not only triplets.
@@ -66,6 +83,13 @@ class Editor(ABC, Generic[C]):
         self.progress: Callable[[str, int, int], None] | None = None
         # Where the settings came from (shipped for a model, a file, defaults): set by `lmedit.settings`.
         self.settings_source: str = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Every editor's own `edit` is wrapped by `_fits_context`: no editor writes the context-window check."""
+        super().__init_subclass__(**kwargs)
+        method = cls.__dict__.get("edit")
+        if method is not None and not getattr(method, "_fits_context", False):
+            cls.edit = _fits_context(method)  # type: ignore[method-assign]
 
     def suggested_layer(self, lm: LM) -> int:
         """The layer causal tracing suggests for `lm` (cached per model), reporting progress while it traces."""
@@ -80,6 +104,24 @@ class Editor(ABC, Generic[C]):
     @abstractmethod
     def edit(self, lm: LM, requests: Sequence[EditRequest]) -> Edit:
         """Compute an (unapplied) edit realising `requests`. Must leave `lm`'s weights unchanged."""
+
+
+def _fits_context(method: Callable[..., Edit]) -> Callable[..., Edit]:
+    """`method` (an editor's `edit`) preceded by the context-window check of its requests, in tokens and
+    before any forward (`lmedit.tokens.check_requests_fit`, with the config's `prefix_tokens()`)."""
+
+    @functools.wraps(method)
+    def edit(self: Editor, lm: LM, requests: Sequence[EditRequest]) -> Edit:
+        if not isinstance(requests, EditRequest | EditDescriptor | Sequence):
+            requests = list(requests)  # a generator: read once here, handed on as a list
+        if hasattr(lm, "model") and hasattr(lm, "tokenizer"):  # else the editor's own checks say what is wrong
+            items = [requests] if isinstance(requests, EditRequest | EditDescriptor) else requests
+            prefix = getattr(self.config, "prefix_tokens", lambda: 0)()
+            check_requests_fit(lm, items, prefix_tokens=prefix)
+        return method(self, lm, requests)
+
+    edit._fits_context = True  # type: ignore[attr-defined]
+    return edit
 
 
 @dataclass(frozen=True)
@@ -239,8 +281,13 @@ class WeightEdit(Edit):
         self._lm = None
 
     def save(self, path: str | Path) -> Path:
-        """Write the deltas (factors when low-rank) and metadata to one safetensors file, atomically."""
+        """Write the deltas (factors when low-rank) and metadata to one safetensors file, atomically.
+
+        Raises:
+            LMEditError: the edit has no `base_fingerprint` (a saved edit must name the model it belongs to).
+        """
         path = Path(path)
+        _check_savable(self)
         tensors: dict[str, torch.Tensor] = {}
         for name, delta in self.deltas.items():
             parts = {"dense": delta.dense} if delta.dense is not None else {"left": delta.left, "right": delta.right}
@@ -250,7 +297,7 @@ class WeightEdit(Edit):
         for name, keys in self.keys.items():
             tensors[f"{name}::keys"] = keys.detach().contiguous().cpu()
         meta = {
-            "format": "lmedit.weight_edit", "version": str(FORMAT_VERSION), "method": self.method,
+            "format": WEIGHT_FORMAT, "version": str(FORMAT_VERSION), "method": self.method,
             "requests": json.dumps([r.to_dict() for r in self.requests]), "config": json.dumps(self.config),
             "base_fingerprint": self.base_fingerprint, "info": json.dumps(self.info, default=str),
         }
@@ -261,27 +308,42 @@ class WeightEdit(Edit):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> WeightEdit:
-        """Read an edit written by `save`. Raises LMEditError for files that are not lmedit weight edits."""
-        from safetensors import safe_open
+    def load(cls, path: str | Path, *, label: str | None = None) -> WeightEdit:
+        """Read an edit written by `save`, checking everything on load (see `lmedit.editors._edit_files`).
 
+        Args:
+            path: the file.
+            label: how error messages name the file (default: the path).
+
+        Raises:
+            MissingFileError: no file at `path`.
+            EditFileError: not an lmedit weight edit: not safetensors or truncated, unknown format or version,
+                missing metadata or base fingerprint, malformed JSON, tensor names, factor shapes, dtypes or
+                non-finite values.
+        """
         path = Path(path)
-        if not path.exists():
-            raise MissingFileError(f"no edit file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "lmedit.weight_edit":
-            raise LMEditError(f"{path} is not an lmedit weight edit (format={meta.get('format')!r})")
-        tensors = load_file(str(path))
-        parts: dict[str, dict[str, torch.Tensor]] = {}
-        for key, tensor in tensors.items():
-            name, _, part = key.rpartition("::")
-            parts.setdefault(name, {})[part] = tensor
-        keys = {name: p.pop("keys") for name, p in parts.items() if "keys" in p}
-        deltas = {name: ParamDelta(**p) for name, p in parts.items() if p}
-        requests = tuple(EditRequest.from_dict(r) for r in json.loads(meta["requests"]))
-        return cls(deltas=deltas, requests=requests, method=meta["method"], config=json.loads(meta["config"]),
-                   base_fingerprint=meta["base_fingerprint"], info=json.loads(meta["info"]), keys=keys)
+        where = label or str(path)
+        meta = read_metadata(path, label)
+        common = check_metadata(meta, WEIGHT_FORMAT, ("requests",), where)
+        raw_requests = json_field(meta, "requests", list, where)
+        requests = []
+        for i, raw in enumerate(raw_requests):
+            try:
+                requests.append(EditRequest.from_dict(raw))
+            except (LMEditError, KeyError, TypeError, ValueError, AttributeError) as exc:
+                raise EditFileError(f"{where}: metadata 'requests'[{i}] is not a valid edit request ({exc})") from None
+        parts, keys = weight_parts(read_tensors(path, label), where)
+        deltas = {name: ParamDelta(**p) for name, p in parts.items()}
+        return cls(deltas=deltas, requests=tuple(requests), method=meta["method"], config=common["config"],
+                   base_fingerprint=meta["base_fingerprint"], info=common["info"], keys=keys)
+
+
+def _check_savable(edit: WeightEdit | WrapperEdit) -> None:
+    """Refuse to write an edit that names no model: loading it would be refused (it could apply anywhere)."""
+    if not isinstance(edit.base_fingerprint, str) or not edit.base_fingerprint.strip():
+        raise LMEditError(f"this {edit.kind} edit (method {edit.method!r}) has no base_fingerprint, so a saved copy "
+                          "could not say which model it belongs to; set edit.base_fingerprint = lm.fingerprint of "
+                          "the model it was made on before saving")
 
 
 def _check_applicable(edit: WeightEdit | WrapperEdit, lm: LM, check_fingerprint: bool) -> None:
@@ -374,11 +436,16 @@ class WrapperEdit(Edit):
         self._lm = None
 
     def save(self, path: str | Path) -> Path:
-        """Write tensors and metadata to one safetensors file, atomically."""
+        """Write tensors and metadata to one safetensors file, atomically.
+
+        Raises:
+            LMEditError: the edit has no `base_fingerprint`.
+        """
         path = Path(path)
+        _check_savable(self)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
         meta = {
-            "format": "lmedit.wrapper_edit", "version": str(FORMAT_VERSION), "wrapper": self.wrapper,
+            "format": WRAPPER_FORMAT, "version": str(FORMAT_VERSION), "wrapper": self.wrapper,
             "method": self.method, "config": json.dumps(self.config), "base_fingerprint": self.base_fingerprint,
             "info": json.dumps(self.info, default=str), "wrapper_meta": json.dumps(self.metadata()),
         }
@@ -389,23 +456,37 @@ class WrapperEdit(Edit):
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> WrapperEdit:
-        """Read a wrapper edit written by `save`, as the subclass named in the file.
+    def load(cls, path: str | Path, *, label: str | None = None) -> WrapperEdit:
+        """Read a wrapper edit written by `save`, as the subclass named in the file, checking everything on load.
+
+        Args:
+            path: the file.
+            label: how error messages name the file (default: the path).
 
         Raises:
-            LMEditError: not an lmedit wrapper edit, or its wrapper type is not registered (not imported).
+            MissingFileError: no file at `path`.
+            EditFileError: not an lmedit wrapper edit (the checks of `WeightEdit.load`), its wrapper type is not
+                registered (not imported), or its tensors and metadata are not what that type saves.
         """
         path = Path(path)
-        meta = _file_metadata(path)
-        if meta.get("format") != "lmedit.wrapper_edit":
-            raise LMEditError(f"{path} is not an lmedit wrapper edit (format={meta.get('format')!r})")
-        wrapper_type = WrapperEdit._types.get(meta.get("wrapper", ""))
+        where = label or str(path)
+        meta = read_metadata(path, label)
+        common = check_metadata(meta, WRAPPER_FORMAT, ("wrapper", "wrapper_meta"), where)
+        wrapper_type = WrapperEdit._types.get(meta["wrapper"])
         if wrapper_type is None:
-            raise LMEditError(f"{path} holds a {meta.get('wrapper')!r} wrapper edit, which no loaded module "
-                              f"provides (known: {sorted(WrapperEdit._types)})")
-        common = {"base_fingerprint": meta["base_fingerprint"], "method": meta["method"],
-                  "config": json.loads(meta["config"]), "info": json.loads(meta["info"])}
-        return wrapper_type.from_saved(load_file(str(path)), json.loads(meta["wrapper_meta"]), common)
+            raise EditFileError(f"{where} holds a {meta['wrapper']!r} wrapper edit, which no loaded module "
+                                f"provides (known: {sorted(WrapperEdit._types)})")
+        wrapper_meta = json_field(meta, "wrapper_meta", dict, where)
+        tensors = read_tensors(path, label)
+        check_tensor_names(tensors, where)
+        common.update(base_fingerprint=meta["base_fingerprint"], method=meta["method"])
+        try:
+            return wrapper_type.from_saved(tensors, wrapper_meta, common)
+        except LMEditError as exc:  # from_saved's own checks: add the file
+            raise EditFileError(f"{where}: {exc}") from None
+        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a check from_saved lacks
+            raise EditFileError(f"{where}: the {meta['wrapper']!r} edit's tensors or metadata are not what it saves "
+                                f"({type(exc).__name__}: {exc})") from None
 
 
 def route_prompts(lm: LM, prompts: Sequence[str]) -> list[str]:
@@ -425,31 +506,23 @@ def route_prompts(lm: LM, prompts: Sequence[str]) -> list[str]:
     return [p if b is None else b[1] for p, b in zip(prompts, best)]
 
 
-def _file_metadata(path: Path) -> dict[str, str]:
-    from safetensors import safe_open
+def load_edit(path: str | Path, *, label: str | None = None) -> Edit:
+    """Load any saved edit kind from `path` (dispatching on the kind recorded in the file), checking it on load.
 
-    if not path.exists():
-        raise MissingFileError(f"no edit file at {path}")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {})
-    except Exception as exc:  # noqa: BLE001  (safetensors raises several types for non-safetensors files)
-        raise LMEditError(f"{path} is not a safetensors edit file ({exc})") from None
-
-
-def load_edit(path: str | Path) -> Edit:
-    """Load any saved edit kind from `path` (dispatching on the kind recorded in the file).
+    Args:
+        path: the file.
+        label: how error messages name the file (default: the path; a ledger import names the patch member).
 
     Raises:
-        LMEditError: the file is not an lmedit edit.
+        MissingFileError: no file at `path`.
+        EditFileError: the file is not an lmedit edit, or fails a check of `WeightEdit.load`/`WrapperEdit.load`.
     """
     path = Path(path)
-    fmt = _file_metadata(path).get("format")
-    loaders: dict[str, Callable[[Path], Edit]] = {"lmedit.weight_edit": WeightEdit.load,
-                                                   "lmedit.wrapper_edit": WrapperEdit.load}
+    fmt = read_metadata(path, label).get("format")
+    loaders: dict[str, Callable[..., Edit]] = {WEIGHT_FORMAT: WeightEdit.load, WRAPPER_FORMAT: WrapperEdit.load}
     if fmt not in loaders:
-        raise LMEditError(f"{path} is not an lmedit edit (format={fmt!r}; known: {sorted(loaders)})")
-    return loaders[fmt](path)
+        raise EditFileError(f"{label or path} is not an lmedit edit (format={fmt!r}; known: {sorted(loaders)})")
+    return loaders[fmt](path, label=label)
 
 
 def check_requests(requests: Sequence[EditRequest | EditDescriptor]) -> tuple[EditRequest, ...]:

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from lmedit.config import check_ranges
 from lmedit.editors._finetune import FinetuneConfig, finetune_edit
 from lmedit.editors.base import Editor, WeightEdit, check_requests
 from lmedit.registry import editors
@@ -34,8 +35,7 @@ class FtLConfig(FinetuneConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not self.norm_constraint > 0:
-            raise ValueError(f"FtLConfig.norm_constraint must be > 0, got {self.norm_constraint}")
+        check_ranges(self, positive=("norm_constraint",))
 
 
 @editors.register("ft_l")

@@ -51,8 +51,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmedit.config import to_dict
-from lmedit.editors._value import context_prefixes
+from lmedit.cache import describe, is_int, read_json, write_json
+from lmedit.config import check_ranges, to_dict
+from lmedit.editors._value import context_prefixes, prefix_token_bound
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.neurons import KnowledgeNeurons, Neuron, attribute, find_knowledge_neurons, refine
@@ -82,27 +83,24 @@ class KnConfig(EditorConfig):
     n_prefixes: int = 4                # prompts = the prompt + this many model-generated 5-token prefixes
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"KnConfig.steps must be >= 1, got {self.steps}")
-        if not 0.0 < self.threshold <= 1.0:
-            raise ValueError(f"KnConfig.threshold must be in (0, 1], got {self.threshold}")
-        if not 0.0 < self.share <= 1.0:
-            raise ValueError(f"KnConfig.share must be in (0, 1], got {self.share}")
-        if not 0.0 <= self.refine_share < 1.0:
-            raise ValueError(f"KnConfig.refine_share must be in [0, 1), got {self.refine_share}")
-        if self.refine_facts < 0:
-            raise ValueError(f"KnConfig.refine_facts must be >= 0, got {self.refine_facts}")
-        if self.lambda_erase < 0 or self.lambda_add <= 0:
-            raise ValueError(f"KnConfig.lambda_erase must be >= 0 and lambda_add > 0, got "
-                             f"{self.lambda_erase}, {self.lambda_add}")
-        if self.max_neurons < 1:
-            raise ValueError(f"KnConfig.max_neurons must be >= 1, got {self.max_neurons}")
-        if self.fallback_top_k < 0:
-            raise ValueError(f"KnConfig.fallback_top_k must be >= 0, got {self.fallback_top_k}")
-        if any(layer < 0 for layer in self.layers):
-            raise ValueError(f"KnConfig.layers must be non-negative, got {self.layers}")
-        if self.n_prefixes < 0:
-            raise ValueError(f"KnConfig.n_prefixes must be >= 0, got {self.n_prefixes}")
+        check_ranges(self, at_least_one=("steps", "max_neurons"), positive=("lambda_add",),
+                     nonnegative=("lambda_erase", "refine_facts", "fallback_top_k", "n_prefixes"),
+                     intervals={"threshold": "(0, 1]", "share": "(0, 1]", "refine_share": "[0, 1)"},
+                     layers=("layers",))
+
+    def prefix_tokens(self) -> int:
+        return prefix_token_bound(((5, self.n_prefixes),))
+
+
+def _check_neuron_sets(payload: object, n_facts: int, n_layers: int, d_mlp: int) -> str | None:
+    """Why cached contrast neuron sets cannot be used (None if they can): one list of [layer, index] per fact."""
+    if not (isinstance(payload, list) and len(payload) == n_facts and all(isinstance(s, list) for s in payload)):
+        return f"the payload is {describe(payload)}, expected {n_facts} lists of [layer, index] pairs"
+    for i, neurons in enumerate(payload):
+        if not all(isinstance(n, list) and len(n) == 2 and is_int(n[0], 0, n_layers) and is_int(n[1], 0, d_mlp)
+                   for n in neurons):
+            return f"set {i} holds an entry that is not a [layer < {n_layers}, index < {d_mlp}] pair"
+    return None
 
 
 def _unit_unembedding(lm: LM, token: int) -> torch.Tensor:
@@ -154,17 +152,18 @@ class KnEditor(Editor[KnConfig]):
         digest = hashlib.sha256(json.dumps([[f.text, f.answer] for f in facts]).encode()).hexdigest()[:8]
         path = (self.cache.root / lm.fingerprint /
                 f"kn-contrast-n{len(facts)}-{digest}-m{c.steps}-t{c.threshold}-l{layers}.json")
-        if path.exists():
-            return [{tuple(n) for n in neurons} for neurons in json.loads(path.read_text())]  # type: ignore[misc]
+        provenance = {"kind": "kn_contrast", "model": lm.fingerprint, "facts": digest, "n_facts": len(facts),
+                      "steps": c.steps, "threshold": c.threshold, "layers": list(c.layers)}
+        shape = (len(facts), lm.n_layers, lm.arch.d_mlp(lm.model))
+        stored = read_json(path, provenance, lambda payload: _check_neuron_sets(payload, *shape))
+        if stored is not None:
+            return [{tuple(n) for n in neurons} for neurons in stored]  # type: ignore[misc]
         sets = []
         for i, fact in enumerate(facts):
             attribution = attribute(lm, fact.text, fact.answer, steps=c.steps, layers=c.layers or None,
                                     progress=self._report("contrast facts", i, len(facts)))
             sets.append(attribution.candidates(c.threshold))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps([sorted(map(list, s)) for s in sets]))
-        tmp.replace(path)
+        write_json(path, [sorted(map(list, s)) for s in sets], provenance)
         return sets
 
     def select(self, kn: KnowledgeNeurons, others: Sequence[set[Neuron]]) -> tuple[list[Neuron], list[Neuron], bool]:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmedit.config import to_dict
+from lmedit.config import check_ranges, to_dict
 from lmedit.editors._mass import (MassEditConfig, Targets, check_layers, default_layers, request_info, spread,
                                   target_mode, z_targets)
 from lmedit.editors._value import context_prefixes
@@ -40,8 +40,8 @@ class MemitConfig(MassEditConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.mom2_weight < 0:
-            raise ValueError(f"MemitConfig.mom2_weight must be >= 0, got {self.mom2_weight}")
+        # λ = 0 leaves λC + KKᵀ singular for fewer edits than d_mlp: the solve needs λ > 0.
+        check_ranges(self, positive=("mom2_weight",))
 
 
 def memit_solve(C: torch.Tensor, K: torch.Tensor, D: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:

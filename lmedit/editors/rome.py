@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from lmedit.config import to_dict
-from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value
+from lmedit.config import check_ranges, to_dict
+from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value, prefix_token_bound
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.registry import editors
@@ -57,15 +57,14 @@ class RomeConfig(EditorConfig):
     original_key_mix: bool = False     # True: the paper's code (Λ solved at the bare-prompt key), disabling edits and all
 
     def __post_init__(self) -> None:
-        if self.layer is not None and self.layer < 0:
-            raise ValueError(f"RomeConfig.layer must be >= 0, got {self.layer}")
-        if self.v_steps < 1:
-            raise ValueError("RomeConfig.v_steps must be >= 1")
-        if not 0.0 <= self.cov_shrinkage < 1.0:
-            raise ValueError("RomeConfig.cov_shrinkage must be in [0, 1)")
-        if self.corpus_tokens < 1:
-            raise ValueError("RomeConfig.corpus_tokens must be >= 1")
+        check_ranges(self, positive=("v_lr", "clamp_norm_factor"),
+                     nonnegative=("kl_factor", "v_weight_decay", "prefixes_short", "prefixes_long"),
+                     at_least_one=("v_steps", "corpus_tokens"), intervals={"cov_shrinkage": "[0, 1)"},
+                     layers=("layer",))
         CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
+
+    def prefix_tokens(self) -> int:
+        return prefix_token_bound(((5, self.prefixes_short), (10, self.prefixes_long)))
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,

@@ -34,8 +34,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from lmedit.config import check_ranges
 from lmedit.editors import Edit, Editor, EditorConfig, load_edit
-from lmedit.errors import LMEditError
+from lmedit.errors import ConfigError, LMEditError
 from lmedit.eval.datasets import Dataset, DatasetError, load_dataset
 from lmedit.eval.health import health_row, probe_loss
 from lmedit.eval.measure import Measurement, check_record, measure, measure_dists
@@ -78,13 +79,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.mode not in ("single", "batch", "sequential"):
-            raise ValueError(f"EvalConfig.mode must be single, batch or sequential, got {self.mode!r}")
-        for name in ("batch_size", "score_batch_size", "n_bootstrap"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"EvalConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("checkpoint_every", "n_drift", "generation_tokens"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"EvalConfig.{name} must be >= 0, got {getattr(self, name)}")
+            raise ConfigError(f"EvalConfig.mode must be single, batch or sequential, got {self.mode!r}")
+        check_ranges(self, at_least_one=("batch_size", "score_batch_size", "n_bootstrap"),
+                     nonnegative=("checkpoint_every", "n_drift", "generation_tokens", "disabling_rise"))
 
 
 @dataclass(frozen=True)
@@ -330,6 +327,8 @@ def _make_edit(lm: LM, editor: Editor, record: EvalRecord, skipped: list[dict[st
         log.warning("edit failed for case %s: %s", record.case_id, exc)
         skipped.append({"reason": "edit_failed", "case_id": record.case_id, "message": str(exc)})
         return None, time.perf_counter() - start
+    if hasattr(edit, "base_fingerprint") and not edit.base_fingerprint:
+        edit.base_fingerprint = lm.fingerprint  # made on `lm`: a saved copy (save_edits) must name its model
     return edit, time.perf_counter() - start
 
 

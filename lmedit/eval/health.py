@@ -35,8 +35,11 @@ PROBE_TEXT = (
 
 @torch.no_grad()
 def probe_loss(lm: LM, text: str = PROBE_TEXT) -> float:
-    """Mean next-token negative log-likelihood (nats) of `text` under the model as it is now."""
-    ids = lm.tokenizer(text, return_tensors="pt").input_ids.to(lm.device)
+    """Mean next-token negative log-likelihood (nats) of `text` under the model as it is now (its first
+    tokens, as many as the model's context window takes)."""
+    from lmedit.tokens import context_length
+
+    ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :context_length(lm)].to(lm.device)
     logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
     return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
 

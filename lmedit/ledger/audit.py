@@ -19,13 +19,14 @@ Not handled: statistical intervals (an audit looks at one edit's handful of prob
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from statistics import fmean
 from typing import TYPE_CHECKING, Any
 
+from lmedit.config import check_ranges
+from lmedit.errors import ConfigError
 from lmedit.eval.measure import Measurement, measure, probe_groups
 from lmedit.eval.metrics import MetricInputs, compute_metrics
 from lmedit.eval.records import EvalRecord
@@ -80,23 +81,17 @@ class AuditConfig:
     records_per_pass: int = 8        # records measured per model-state switch (bounds the memory for KL)
 
     def __post_init__(self) -> None:
+        # Every threshold finite or None (check_ranges' finiteness check), and the counts in range.
+        check_ranges(self, at_least_one=("score_batch_size", "records_per_pass"), nonnegative=("generation_tokens",))
         for check in CHECKS:
             warn, refuse = self.thresholds(check.name)
-            for kind, value in (("warn", warn), ("refuse", refuse)):
-                if value is not None and not math.isfinite(value):
-                    raise ValueError(f"AuditConfig.{check.name}_{kind} must be finite or None, got {value}")
             if warn is None or refuse is None:
                 continue
             if check.higher_is_better and refuse > warn:
-                raise ValueError(f"AuditConfig.{check.name}_refuse ({refuse}) must be <= {check.name}_warn ({warn}): "
-                                 "a score refuses below its refuse threshold and warns below its warn threshold")
+                raise ConfigError(f"AuditConfig.{check.name}_refuse ({refuse}) must be <= {check.name}_warn ({warn}): "
+                                  "a score refuses below its refuse threshold and warns below its warn threshold")
             if not check.higher_is_better and refuse < warn:
-                raise ValueError(f"AuditConfig.{check.name}_refuse ({refuse}) must be >= {check.name}_warn ({warn})")
-        for name in ("score_batch_size", "records_per_pass"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"AuditConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.generation_tokens < 0:
-            raise ValueError(f"AuditConfig.generation_tokens must be >= 0, got {self.generation_tokens}")
+                raise ConfigError(f"AuditConfig.{check.name}_refuse ({refuse}) must be >= {check.name}_warn ({warn})")
 
     def thresholds(self, check: str) -> tuple[float | None, float | None]:
         return getattr(self, f"{check}_warn"), getattr(self, f"{check}_refuse")

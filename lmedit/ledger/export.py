@@ -5,7 +5,9 @@ A patch file is a zip archive (stored, not compressed: the tensors do not compre
                        and per edit: kind, method, config, requests, audit probes, latest audit report
     edits/NNN.edit     each patch as its `Edit.save()` wrote it (sha256 in the manifest)
 Only applied edits go in, in order. Importing refuses a ledger or a model with another base hash, checks
-every patch's sha256, and skips patches the ledger already holds (importing twice changes nothing).
+every manifest field's type, every patch's sha256 and every patch as `load_edit` does (format version,
+base fingerprint, tensor names, shapes, dtypes, finiteness) before anything is written, and skips patches
+the ledger already holds (importing twice changes nothing).
 
 `export_model` writes base + applied edits with `save_pretrained` (safetensors, config, tokenizer), so
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it without lmedit.
@@ -17,16 +19,20 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any
 
+from lmedit.editors import load_edit
 from lmedit.errors import LMEditError, MissingFileError
 from lmedit.ledger.audit import AuditReport
 from lmedit.ledger.ledger import param_sha256
+from lmedit.ledger.probes import record_from_dict
 from lmedit.ledger.store import IMPORT_PREFIX, LedgerError, file_sha256, new_patch_name, now
 from lmedit.models.load import weights_fingerprint
 from lmedit.types import request_from_dict
@@ -38,7 +44,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PATCH_FORMAT = "lmedit.ledger_patch"
-PATCH_VERSION = 1
+PATCH_VERSION = 1                       # what export_patch writes
+KNOWN_PATCH_VERSIONS = frozenset({1})   # what read_manifest reads
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_MEMBER = re.compile(r"edits/[0-9]{3,}\.edit")
 
 
 def _add_path(archive: zipfile.ZipFile, source: Path, name: str) -> None:
@@ -84,26 +93,133 @@ def export_patch(ledger: Ledger, file: str | Path) -> Path:
 
 
 def read_manifest(file: str | Path) -> dict[str, Any]:
-    """The manifest of a patch file. Raises LedgerError for files that are not lmedit patch files."""
+    """The manifest of a patch file, with every field checked (`_check_manifest`).
+
+    Raises:
+        MissingFileError: no file at `file`.
+        LedgerError: not an lmedit patch file (not a zip, no manifest.json, not JSON), an unknown format or
+            version, or a manifest field that is missing or of the wrong type (named in the message).
+    """
     file = Path(file)
     if not file.exists():
         raise MissingFileError(f"no patch file at {file}")
     try:
         with zipfile.ZipFile(file) as archive:
             manifest = json.loads(archive.read("manifest.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError) as exc:
-        raise LedgerError(f"{file} is not an lmedit patch file ({exc})") from None
+    # zipfile raises many types for damaged or hostile archives (bad CRC, unknown compression, encryption...)
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, KeyError, OSError, EOFError, RuntimeError,
+            NotImplementedError, ValueError, RecursionError) as exc:
+        raise LedgerError(f"{file} is not an lmedit patch file ({type(exc).__name__}: {exc})") from None
+    _check_manifest(file, manifest)
+    return manifest
+
+
+def _check_manifest(file: Path, manifest: Any) -> None:
+    """Refuse a manifest whose fields are missing or of the wrong type; stored text is later shown, never formatted."""
+    def fail(field: str, expected: str, value: Any) -> LedgerError:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:80] + "..."
+        return LedgerError(f"{file}: manifest field {field!r} must be {expected}, got {shown}; nothing was imported")
+
+    if not isinstance(manifest, dict):
+        raise LedgerError(f"{file} is not an lmedit patch file (its manifest.json holds a JSON "
+                          f"{type(manifest).__name__}, not an object)")
     if manifest.get("format") != PATCH_FORMAT:
         raise LedgerError(f"{file} is not an lmedit patch file (format={manifest.get('format')!r})")
-    if int(manifest.get("version", 0)) > PATCH_VERSION:
-        raise LedgerError(f"{file} has patch format version {manifest['version']}; this lmedit reads {PATCH_VERSION}")
-    for i, item in enumerate(manifest.get("edits") or [], 1):  # stored requests are rendered later: refuse bad ones now
-        for request in item.get("requests") or []:
-            try:
-                request_from_dict(request)
-            except LMEditError as exc:
-                raise LedgerError(f"edit {i} in {file} has an invalid request ({exc}); nothing was imported") from None
-    return manifest
+    version = manifest.get("version")
+    if type(version) is not int or version not in KNOWN_PATCH_VERSIONS:
+        raise LedgerError(f"{file} has patch format version {version!r}; this lmedit reads version(s) "
+                          f"{', '.join(map(str, sorted(KNOWN_PATCH_VERSIONS)))}")
+    base = manifest.get("base_fingerprint")
+    if not isinstance(base, str) or not base.strip():
+        raise fail("base_fingerprint", "the base model's hash (a non-empty string)", base)
+    if not isinstance(manifest.get("model"), (str, type(None))):
+        raise fail("model", "a string", manifest.get("model"))
+    params = manifest.get("base_params", {})
+    if not isinstance(params, dict):
+        raise fail("base_params", "an object", params)
+    for name, p in params.items():
+        if not isinstance(p, dict) or not isinstance(p.get("dtype"), str) or not isinstance(p.get("sha256"), str) \
+                or not _SHA256.fullmatch(p["sha256"]) or not _is_shape(p.get("shape")):
+            raise fail(f"base_params.{name}", "an object with 'shape' (a JSON list of sizes), 'dtype' and 'sha256'", p)
+    edits = manifest.get("edits")
+    if not isinstance(edits, list) or not edits:
+        raise fail("edits", "a non-empty list", edits)
+    for i, item in enumerate(edits, 1):
+        _check_item(item, f"edits[{i}]", fail)
+
+
+def _is_shape(text: Any) -> bool:
+    try:
+        shape = json.loads(text) if isinstance(text, str) else None
+    except (ValueError, RecursionError):
+        return False
+    return isinstance(shape, list) and all(type(n) is int and n >= 0 for n in shape)
+
+
+def _check_item(item: Any, where: str, fail: Callable[[str, str, Any], LedgerError]) -> None:
+    """One manifest edit entry: types of every field, and its requests, probes and audit readable."""
+    if not isinstance(item, dict):
+        raise fail(where, "an object", item)
+    expected: dict[str, tuple[tuple[type, ...], str]] = {
+        "file": ((str,), "a member name 'edits/NNN.edit'"), "sha256": ((str,), "64 hex digits"),
+        "kind": ((str,), "an edit kind"), "method": ((str,), "a string"), "config": ((dict,), "an object"),
+        "requests": ((list,), "a list"), "verdict": ((str, type(None)), "a string or null"),
+        "probes": ((list, type(None)), "a list or null"), "info": ((dict, type(None)), "an object or null"),
+        "audit": ((dict, type(None)), "an object or null"), "created": ((str, type(None)), "a string or null"),
+        "source_id": ((int, str, type(None)), "an id or null"),
+    }
+    optional = {"verdict", "probes", "info", "audit", "created", "source_id"}
+    for key, (types, text) in expected.items():
+        if key not in item and key in optional:
+            continue
+        value = item.get(key)
+        if key not in item or not isinstance(value, types) or isinstance(value, bool):
+            raise fail(f"{where}.{key}", text, value)
+    if not _MEMBER.fullmatch(item["file"]):
+        raise fail(f"{where}.file", "a member name 'edits/NNN.edit'", item["file"])
+    if not _SHA256.fullmatch(item["sha256"]):
+        raise fail(f"{where}.sha256", "64 hex digits", item["sha256"])
+    for j, request in enumerate(item["requests"]):  # stored requests are rendered later: refuse bad ones now
+        try:
+            request_from_dict(request)
+        except LMEditError as exc:
+            raise LedgerError(f"{where} has an invalid request ({where}.requests[{j}]: {exc}); "
+                              "nothing was imported") from None
+    for j, probe in enumerate(item.get("probes") or []):
+        try:
+            record = record_from_dict(probe)
+        except (LMEditError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise fail(f"{where}.probes[{j}]", f"an audit record ({type(exc).__name__}: {exc})", probe) from None
+        texts = [t for p in (*record.paraphrases, *record.neighborhood, *record.implications)
+                 for t in (p.prompt, p.target, p.foil if p.foil is not None else "", p.kind)]
+        if not all(isinstance(t, str) for t in (*texts, *record.generation_prompts)) \
+                or not isinstance(record.case_id, (str, int)) or not isinstance(record.relation, (str, type(None))):
+            raise fail(f"{where}.probes[{j}]", "an audit record of strings (prompts, targets, foils)", probe)
+    if item.get("audit") is not None:
+        _check_audit(item["audit"], f"{where}.audit", fail)
+
+
+def _check_audit(audit: dict[str, Any], where: str, fail: Callable[[str, str, Any], LedgerError]) -> None:
+    """An audit report as `AuditReport.to_dict` writes it (shown later by `ledger show` and `lmedit audit`)."""
+    number = (int, float, type(None))
+    try:
+        report = AuditReport.from_dict(audit)
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise fail(where, f"an audit report ({type(exc).__name__}: {exc})", audit) from None
+    if not all(isinstance(v, str) for v in (report.verdict, report.reference, report.model, report.fingerprint,
+                                            report.created)):
+        raise fail(where, "an audit report with string verdict, reference, model, fingerprint and created", audit)
+    if "efficacy" not in report.checks:  # `AuditReport.holds` reads it
+        raise fail(f"{where}.checks", "an object with an 'efficacy' check", sorted(report.checks))
+    for name, check in report.checks.items():
+        if not isinstance(check.name, str) or not isinstance(check.level, (str, type(None))) \
+                or not all(isinstance(v, number) and not isinstance(v, bool)
+                           for v in (check.value, check.reference, check.warn, check.refuse)):
+            raise fail(f"{where}.checks.{name}", "a check with numbers (or null) and a level", audit["checks"][name])
+    if not isinstance(report.metrics, dict) or not all(isinstance(m, dict) for m in report.metrics.values()):
+        raise fail(f"{where}.metrics", "an object of objects", report.metrics)
+    if not isinstance(report.probes, list) or not all(isinstance(p, dict) for p in report.probes):
+        raise fail(f"{where}.probes", "a list of objects", report.probes)
 
 
 def _extract(archive: zipfile.ZipFile, name: str, target: Path) -> None:
@@ -119,6 +235,21 @@ def _extract(archive: zipfile.ZipFile, name: str, target: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with archive.open(member) as src, out.open("wb") as dst:
             shutil.copyfileobj(src, dst)
+
+
+def _check_patch(file: str | Path, item: dict[str, Any], target: Path, base: str) -> None:
+    """Load one extracted patch as `load_edit` does (all its checks) and compare it with its manifest entry."""
+    label = f"{item['file']} in {file}"
+    try:
+        edit = load_edit(target, label=label)
+    except LMEditError as exc:
+        raise LedgerError(f"{exc}; nothing was imported") from None
+    if edit.kind != item["kind"]:
+        raise LedgerError(f"{label} is a {edit.kind} edit, but the manifest says {item['kind']!r}; nothing was imported")
+    made_on = getattr(edit, "base_fingerprint", None)
+    if made_on != base:
+        raise LedgerError(f"{label} was made on the model with fingerprint {made_on}, but the patch file is for base "
+                          f"{base}; nothing was imported")
 
 
 def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list[int]:
@@ -165,6 +296,7 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
                 _extract(archive, item["file"], target)
                 if file_sha256(target) != item["sha256"]:
                     raise LedgerError(f"{item['file']} in {file} is damaged: its sha256 differs from the manifest's")
+                _check_patch(file, item, target, base)
                 staged.append((item, target))
             ledger._init_base(base, manifest.get("model") or (lm.name if lm is not None else ""))
             base_params = {name: (json.loads(p["shape"]), p["dtype"], p["sha256"])

@@ -290,6 +290,8 @@ class Ledger:
             raise LedgerError("record() takes an unapplied edit (the audit applies it itself)")
         base = self.base_fingerprint
         made_on = getattr(edit, "base_fingerprint", "") or lm.fingerprint
+        if hasattr(edit, "base_fingerprint") and not edit.base_fingerprint:
+            edit.base_fingerprint = made_on  # made on `lm`: its patch file must name the model (checked on load)
         if base is not None and made_on != base:
             raise LedgerError(f"this edit was made on a model with hash {made_on}, but the ledger {self.path} is for "
                               f"base {base} ({self.model}); replay its requests instead")

@@ -265,7 +265,30 @@ class Store:
             self.cleanup(blocking=False)
 
     def _tables(self) -> set[str]:
-        return {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        with self._readable():
+            return {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+
+    @contextmanager
+    def _readable(self) -> Iterator[None]:
+        """Damage that `PRAGMA quick_check` cannot see (a flipped byte in a stored text that is no longer UTF-8 or
+        JSON) found on a read: refused with the recovery message, never a raw sqlite/JSON error, never repaired."""
+        try:
+            yield
+        except LMEditError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise
+            raise self._damaged(str(exc)) from None
+        except (UnicodeDecodeError, ValueError, TypeError, KeyError) as exc:  # json.JSONDecodeError is a ValueError
+            raise self._damaged(f"a stored value cannot be read: {exc}") from None
+
+    def _damaged(self, reason: str) -> LedgerError:
+        db = self.root / DB_NAME
+        patches = [p for p in self.patch_dir.iterdir() if not _PATCH_TMP.fullmatch(p.name)]
+        what = f"is damaged ({reason})"
+        return LedgerError(_recovery(self.root, what, patches) if patches else
+                           f"{db} {what}; restore it from a backup, or move it away to start a new ledger")
 
     def _check_database(self) -> bool:
         """Refuse a damaged or foreign database; True when it is blank (no tables: a new ledger)."""
@@ -298,7 +321,7 @@ class Store:
     def _format(self) -> str | None:
         try:
             row = self.db.execute("SELECT value FROM meta WHERE key = 'format'").fetchone()
-        except sqlite3.OperationalError:  # no meta table yet
+        except sqlite3.OperationalError:  # no meta table yet (or a format value that is not text: refused by the caller)
             return None
         return row[0] if row else None
 
@@ -403,30 +426,36 @@ class Store:
     # ---- reads -----------------------------------------------------------------------------------
 
     def meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return row[0] if row else None
+        with self._readable():
+            row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+            return row[0] if row else None
 
     def rows(self, state: str | None = None) -> list[EditRow]:
-        if state is None:
-            cursor = self.db.execute("SELECT * FROM edits ORDER BY id")
-        else:
-            cursor = self.db.execute("SELECT * FROM edits WHERE state = ? ORDER BY id", (state,))
-        return [EditRow.from_sql(r) for r in cursor]
+        with self._readable():
+            if state is None:
+                cursor = self.db.execute("SELECT * FROM edits ORDER BY id")
+            else:
+                cursor = self.db.execute("SELECT * FROM edits WHERE state = ? ORDER BY id", (state,))
+            return [EditRow.from_sql(r) for r in cursor]
 
     def row(self, edit_id: int) -> EditRow:
-        found = self.db.execute("SELECT * FROM edits WHERE id = ?", (edit_id,)).fetchone()
+        with self._readable():
+            found = self.db.execute("SELECT * FROM edits WHERE id = ?", (edit_id,)).fetchone()
         if found is None:
             ids = [r.id for r in self.rows()]
             raise LedgerError(f"no edit {edit_id} in the ledger {self.root} (edits: {ids or 'none'})")
-        return EditRow.from_sql(found)
+        with self._readable():
+            return EditRow.from_sql(found)
 
     def audits(self, edit_id: int) -> list[dict[str, Any]]:
-        cursor = self.db.execute("SELECT * FROM audits WHERE edit_id = ? ORDER BY id", (edit_id,))
-        return [{**dict(r), "report": json.loads(r["report"])} for r in cursor]
+        with self._readable():
+            cursor = self.db.execute("SELECT * FROM audits WHERE edit_id = ? ORDER BY id", (edit_id,))
+            return [{**dict(r), "report": json.loads(r["report"])} for r in cursor]
 
     def base_params(self) -> dict[str, dict[str, str]]:
-        return {r["name"]: {"shape": r["shape"], "dtype": r["dtype"], "sha256": r["sha256"]}
-                for r in self.db.execute("SELECT * FROM base_params")}
+        with self._readable():
+            return {r["name"]: {"shape": r["shape"], "dtype": r["dtype"], "sha256": r["sha256"]}
+                    for r in self.db.execute("SELECT * FROM base_params")}
 
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]

@@ -18,7 +18,6 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -32,6 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from lmedit import defaults
+from lmedit.cache import atomic_write, cache_root, publish_dir, temp_dir
 from lmedit.errors import DeviceError, LMEditError, ModelNotFoundError, NotAnLMError, UnsupportedArchitectureError
 from lmedit.models.arch import ArchSpec, get_arch
 from lmedit.models.vocab import mark_multimodal_special, never_text_ids
@@ -41,11 +41,8 @@ log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
-    """Root of lmedit's on-disk cache: `$LMEDIT_CACHE`, else `$XDG_CACHE_HOME/lmedit`, else `~/.cache/lmedit`."""
-    env = os.environ.get("LMEDIT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")).expanduser() / "lmedit"
+    """Root of lmedit's on-disk cache (`lmedit.cache.cache_root`, which owns it)."""
+    return cache_root()
 
 
 @dataclass(frozen=True)
@@ -321,10 +318,9 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
     if (target / "config.json").exists():
         return _load_dir(target, dtype)
     log.info("first load of %s: converting GGUF to safetensors under %s", spec.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Write into a temporary sibling and rename it into place, so an interrupted conversion leaves nothing half-written.
-    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{spec.name}-") as scratch_name:
-        scratch = Path(scratch_name)
+    # Write into a private temporary sibling and rename it into place, so an interrupted conversion leaves nothing
+    # half-written (a killed one's scratch directory is swept by a later load).
+    with temp_dir(target.parent, spec.name) as scratch:
         gguf = spec.locate(scratch)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -335,12 +331,8 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
             del model.config.quantization_config
         model.save_pretrained(out)
         tokenizer.save_pretrained(out)
-        (out / "lmedit.json").write_text(json.dumps({"source": spec.name, "gguf": gguf.name}))
-        try:
-            out.rename(target)
-        except OSError:  # another process finished first: theirs is as good as ours
-            if not (target / "config.json").exists():
-                raise
+        atomic_write(out / "lmedit.json", json.dumps({"source": spec.name, "gguf": gguf.name}).encode())
+        publish_dir(out, target)  # False when another process finished first: theirs is as good as ours
     return _load_dir(target, dtype)
 
 

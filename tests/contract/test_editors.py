@@ -1,8 +1,9 @@
 """The contract every registered weight editor meets, checked on tiny random models.
 
 For each editor: the edit flips the top-1 next token to target_new's first token, computing it leaves
-the weights untouched, undo restores them bit-exactly, the config round-trips through YAML, and the
-same seed gives the same edit. Method-specific behaviour is tested beside each method (tests/unit/editors).
+the weights untouched, it records the model's fingerprint and its saved copy passes the load checks, undo
+restores the weights bit-exactly, the config round-trips through YAML, and the same seed gives the same edit.
+Method-specific behaviour is tested beside each method (tests/unit/editors).
 
 Each editor needs an entry in TINY_CONFIGS: settings small enough for a 4-layer, 64-wide model. A newly
 registered editor without one fails `test_every_editor_has_a_tiny_config`, so none is left out silently.
@@ -16,7 +17,7 @@ import yaml
 
 import lmedit
 from lmedit.config import load_config, to_dict
-from lmedit.editors import WrapperEdit, get_editor
+from lmedit.editors import WrapperEdit, get_editor, load_edit
 from lmedit.registry import editors
 from lmedit.scoring import next_token_logprobs
 from lmedit.stats import StatsCache
@@ -96,6 +97,9 @@ def test_edit_flips_top1_and_undo_is_exact(method, family, tmp_path):
 
     result = _editor(method, tmp_path).edit(lm, [REQUEST])
     assert _identical(lm, snap), f"{method}: edit() changed the weights before apply()"
+    # The edit names its model, so its saved copy passes every check on load (lmedit.editors._edit_files).
+    assert result.base_fingerprint == lm.fingerprint, f"{method}: the edit does not record its model's fingerprint"
+    assert load_edit(result.save(tmp_path / "edit.safetensors")).base_fingerprint == lm.fingerprint
     with result.applied(lm):
         after = next_token_logprobs(lm, [REQUEST.text])[0]
         # A wrapper edit never writes weights; it changes what the model reads.

@@ -56,7 +56,7 @@ def test_sampled_corpus_is_seeded_and_cached(tmp_path):
     cache = StatsCache(tmp_path)
     seqs = corpus_sequences(lm, spec, cache)
     assert cache.corpus_path(lm, spec).exists()
-    assert json.loads(cache.corpus_path(lm, spec).read_text()) == seqs
+    assert json.loads(cache.corpus_path(lm, spec).read_text())["payload"] == seqs  # in lmedit.cache's envelope
     phases = []
     key_second_moment(lm, [1], spec, cache=cache, progress=lambda phase, done, total: phases.append(phase))
     assert phases and set(phases) == {"key statistics"}  # the sampled corpus came from the cache

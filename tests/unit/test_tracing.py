@@ -319,7 +319,7 @@ def test_cli_writes_heatmaps_json_and_severing(tmp_path, model_dir):
 
 
 def test_suggest_layer_is_cached_on_disk(tmp_path, monkeypatch, tiny_llama):
-    import lmedit.tracing as tracing
+    import lmedit.tracing.suggest as suggest_module  # suggest_layer looks average_trace up here
 
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     facts = [Fact("{} is in downtown", "The Space Needle", "Seattle"),
@@ -327,14 +327,14 @@ def test_suggest_layer_is_cached_on_disk(tmp_path, monkeypatch, tiny_llama):
     first = suggest_layer(tiny_llama, facts, samples=2, noise=NOISE)
     files = list((tmp_path / "tracing" / tiny_llama.fingerprint).glob("suggest_layer-*.json"))
     assert len(files) == 1 and not list(files[0].parent.glob(".*tmp"))
-    stored = json.loads(files[0].read_text())
+    stored = json.loads(files[0].read_text())["payload"]  # in lmedit.cache's envelope
     assert stored["layer"] == first.layer and stored["curve"] == first.curve and stored["band"] == first.band
     assert stored["fingerprint"] == tiny_llama.fingerprint and stored["samples"] == 2
 
     def no_trace(*args, **kwargs):
         raise AssertionError("recomputed despite the cache")
 
-    monkeypatch.setattr(tracing, "average_trace", no_trace)
+    monkeypatch.setattr(suggest_module, "average_trace", no_trace)
     assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE) == first
     # other facts, settings or models are other keys; cache=False neither reads nor writes
     for call in (lambda: suggest_layer(tiny_llama, facts[:1], samples=2, noise=NOISE),
@@ -348,8 +348,9 @@ def test_suggest_layer_is_cached_on_disk(tmp_path, monkeypatch, tiny_llama):
     monkeypatch.undo()
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path))
     files[0].write_text('{"layer": 1, "cur')
-    assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE) == first
-    assert json.loads(files[0].read_text())["curve"] == first.curve
+    with pytest.warns(UserWarning, match="not JSON"):
+        assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE) == first
+    assert json.loads(files[0].read_text())["payload"]["curve"] == first.curve
     # an explicit directory
     assert suggest_layer(tiny_llama, facts, samples=2, noise=NOISE, cache=tmp_path / "elsewhere") == first
     assert list((tmp_path / "elsewhere").rglob("suggest_layer-*.json"))
@@ -396,7 +397,7 @@ def test_cli_average(tmp_path, model_dir, capsys):
 
 
 def test_cli_suggest_layer(tmp_path, model_dir, capsys, monkeypatch):
-    import lmedit.tracing as tracing
+    import lmedit.tracing.suggest as suggest_module  # suggest_layer looks average_trace up here
     from lmedit.cli.main import main
 
     facts = tmp_path / "facts.jsonl"
@@ -417,7 +418,7 @@ def test_cli_suggest_layer(tmp_path, model_dir, capsys, monkeypatch):
     def no_trace(*args, **kwargs):
         raise AssertionError("recomputed despite the cache")
 
-    monkeypatch.setattr(tracing, "average_trace", no_trace)
+    monkeypatch.setattr(suggest_module, "average_trace", no_trace)
     path.unlink()
     assert main(args) == 0
     assert json.loads(path.read_text()) == first

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmedit.config import check_ranges
 from lmedit.editors.base import EditorConfig
 from lmedit.errors import ConfigError
 
@@ -44,25 +45,14 @@ class MendConfig(EditorConfig):
     checkpoint_every: int = 100        # write the resumable training state every N steps
 
     def __post_init__(self) -> None:
+        # edit_lr > 0: the edit is W − α·(transformed gradient); α ≤ 0 edits away from target_new or not at all.
+        check_ranges(self, at_least_one=("rank", "steps", "batch_size", "val_size", "val_every", "checkpoint_every"),
+                     positive=("edit_lr", "lr", "lr_lr", "grad_clip"),
+                     nonnegative=("n_hidden", "edit_weight", "loc_weight"), distinct=("layers",))
         if not self.layers:
-            raise ValueError("MendConfig.layers must name at least one layer")
-        if len(set(self.layers)) != len(self.layers):
-            raise ValueError(f"MendConfig.layers has duplicates: {self.layers}")
-        for name in ("rank", "steps", "batch_size", "val_size", "val_every", "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"MendConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.n_hidden < 0:
-            raise ValueError(f"MendConfig.n_hidden must be >= 0, got {self.n_hidden}")
-        if self.edit_lr == 0:
-            raise ValueError("MendConfig.edit_lr must be non-zero (it scales every edit)")
-        for name in ("lr", "lr_lr", "grad_clip"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"MendConfig.{name} must be > 0, got {getattr(self, name)}")
-        for name in ("edit_weight", "loc_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"MendConfig.{name} must be >= 0, got {getattr(self, name)}")
+            raise ConfigError("MendConfig.layers must name at least one layer")
         if self.checkpoint is not None and not str(self.checkpoint).strip():
-            raise ValueError("MendConfig.checkpoint is empty (use null for no checkpoint)")
+            raise ConfigError("MendConfig.checkpoint is empty (use null for no checkpoint)")
 
     def resolve_layers(self, n_layers: int) -> tuple[int, ...]:
         """Absolute, sorted layer indices for a model with `n_layers` blocks.

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from lmedit.config import check_ranges
 from lmedit.editors.base import EditorConfig
 from lmedit.editors.serac.scope import INPUT_VIEWS
+from lmedit.errors import ConfigError
 
 ENCODERS = ("minilm", "lexical")
 
@@ -34,22 +36,18 @@ class SeracConfig(EditorConfig):
     train_prefixed_negatives: bool = True  # also train on Specificity+ inputs ("{edit}. {neighbour}") as out of scope
 
     def __post_init__(self) -> None:
+        # threshold is a cosine similarity: [-1, 1].
+        check_ranges(self, at_least_one=("train_steps", "train_batch_edits", "projection_dim"),
+                     positive=("train_lr",), intervals={"threshold": "[-1, 1]"})
         if self.encoder not in ENCODERS:
-            raise ValueError(f"SeracConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
+            raise ConfigError(f"SeracConfig.encoder must be one of {ENCODERS}, got {self.encoder!r}")
         if self.scope_input not in INPUT_VIEWS:
-            raise ValueError(f"SeracConfig.scope_input must be one of {INPUT_VIEWS}, got {self.scope_input!r}")
-        if not -1.0 <= self.threshold <= 1.0:
-            raise ValueError(f"SeracConfig.threshold is a cosine similarity in [-1, 1], got {self.threshold}")
+            raise ConfigError(f"SeracConfig.scope_input must be one of {INPUT_VIEWS}, got {self.scope_input!r}")
         for name in ("template", "descriptor_template"):
             template = getattr(self, name)
             if "{input}" not in template:
-                raise ValueError(f"SeracConfig.{name} must contain {{input}}, got {template!r}")
+                raise ConfigError(f"SeracConfig.{name} must contain {{input}}, got {template!r}")
             try:
                 template.format(edit="e", input="i")
             except (KeyError, IndexError, ValueError) as exc:
-                raise ValueError(f"SeracConfig.{name} may only use {{edit}} and {{input}}: {template!r} ({exc})") from None
-        for name in ("train_steps", "train_batch_edits", "projection_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"SeracConfig.{name} must be >= 1, got {getattr(self, name)}")
-        if self.train_lr <= 0:
-            raise ValueError(f"SeracConfig.train_lr must be > 0, got {self.train_lr}")
+                raise ConfigError(f"SeracConfig.{name} may only use {{edit}} and {{input}}: {template!r} ({exc})") from None

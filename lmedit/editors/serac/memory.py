@@ -19,6 +19,7 @@ Not handled: a separately trained counterfactual model (the paper fine-tunes a s
 from __future__ import annotations
 
 import hashlib
+import string
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -26,8 +27,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmedit.editors.base import WrapperEdit, _stack
-from lmedit.editors.serac.scope import ScopeHead, SentenceEncoder, load_encoder
-from lmedit.errors import LMEditError
+from lmedit.editors.serac.config import ENCODERS
+from lmedit.editors.serac.scope import INPUT_VIEWS, ScopeHead, SentenceEncoder, load_encoder
+from lmedit.errors import EditFileError, LMEditError
 from lmedit.types import EditDescriptor, EditRequest
 
 if TYPE_CHECKING:
@@ -56,8 +58,65 @@ class MemoryEntry:
 
 def _request_from(data: dict[str, Any]) -> EditRequest | EditDescriptor:
     data = dict(data)
-    kind = data.pop("kind")
+    kind = data.pop("kind", None)
+    if kind not in ("request", "descriptor"):
+        raise EditFileError(f"'kind' must be 'request' or 'descriptor', got {kind!r}")
     return EditDescriptor.from_dict(data) if kind == "descriptor" else EditRequest.from_dict(data)
+
+
+_HEAD_TENSORS = {"keys", "head.log_scale", "head.bias"}  # and, for a trained head, "head.projection"
+
+
+def _check_template(name: str, template: Any) -> None:
+    """A saved template may only place {edit} and {input} (no attribute access, conversions or format specs)."""
+    if not isinstance(template, str):
+        raise EditFileError(f"metadata {name!r} must be a string, got {type(template).__name__}")
+    try:
+        fields = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
+    except ValueError as exc:
+        raise EditFileError(f"metadata {name!r} is not a template ({exc}): {template!r}") from None
+    bad = [f for f, spec, conv in fields if f not in ("edit", "input") or spec or conv]
+    if bad or "input" not in [f for f, _, _ in fields]:
+        raise EditFileError(f"metadata {name!r} must contain {{input}} and may only use {{edit}} and {{input}}, "
+                            f"got {template!r}")
+
+
+def _check_saved(tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """What `SeracEdit.save` writes: tensor names and shapes, entries, templates, encoder and view.
+
+    Raises:
+        EditFileError: naming the tensor or metadata field and what was expected.
+    """
+    names = set(tensors)
+    if not _HEAD_TENSORS <= names or names - _HEAD_TENSORS - {"head.projection"}:
+        raise EditFileError(f"tensors {sorted(names)}; a SERAC edit has {sorted(_HEAD_TENSORS)} and optionally "
+                            "'head.projection'")
+    keys = tensors["keys"]
+    if keys.ndim != 2:
+        raise EditFileError(f"tensor 'keys' has shape {tuple(keys.shape)}; expected (n_entries, dim)")
+    for name in ("head.log_scale", "head.bias"):
+        if tensors[name].numel() != 1:
+            raise EditFileError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}; expected one value")
+    projection = tensors.get("head.projection")
+    if projection is not None and (projection.ndim != 2 or projection.shape[0] != keys.shape[1]):
+        raise EditFileError(f"tensor 'head.projection' has shape {tuple(projection.shape)}; expected "
+                            f"({keys.shape[1]}, projection_dim) to match the keys")
+    for name in ("template", "descriptor_template"):
+        _check_template(name, metadata.get(name))
+    if metadata.get("encoder") not in ENCODERS:
+        raise EditFileError(f"metadata 'encoder' must be one of {ENCODERS}, got {metadata.get('encoder')!r}")
+    if metadata.get("view") not in INPUT_VIEWS:
+        raise EditFileError(f"metadata 'view' must be one of {INPUT_VIEWS}, got {metadata.get('view')!r}")
+    entries = metadata.get("entries")
+    if not isinstance(entries, list) or not entries:
+        raise EditFileError(f"metadata 'entries' must be a non-empty list, got {type(entries).__name__}")
+    if len(entries) != keys.shape[0]:
+        raise EditFileError(f"metadata 'entries' has {len(entries)} entries but tensor 'keys' has {keys.shape[0]} rows")
+    for i, item in enumerate(entries):
+        if not isinstance(item, dict) or not isinstance(item.get("statement"), str) or not item["statement"].strip() \
+                or not isinstance(item.get("request"), dict):
+            raise EditFileError(f"metadata 'entries'[{i}] must be an object with a non-empty 'statement' string and a "
+                                "'request' object")
 
 
 class SeracEdit(WrapperEdit, wrapper="serac"):
@@ -149,9 +208,16 @@ class SeracEdit(WrapperEdit, wrapper="serac"):
 
     @classmethod
     def from_saved(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], common: dict[str, Any]) -> SeracEdit:
+        """Rebuild a saved edit after checking its tensors and metadata (`EditFileError` names the field)."""
+        _check_saved(tensors, metadata)
         keys = tensors["keys"]
-        entries = [MemoryEntry(item["statement"], _request_from(item["request"]), keys[i])
-                   for i, item in enumerate(metadata["entries"])]
+        entries = []
+        for i, item in enumerate(metadata["entries"]):
+            try:
+                request = _request_from(item["request"])
+            except LMEditError as exc:
+                raise EditFileError(f"metadata 'entries'[{i}].request is not a valid request ({exc})") from None
+            entries.append(MemoryEntry(item["statement"], request, keys[i]))
         return cls(entries, ScopeHead.from_tensors(tensors, metadata["view"]), metadata["template"],
                    descriptor_template=metadata["descriptor_template"], encoder_name=metadata["encoder"], **common)
 

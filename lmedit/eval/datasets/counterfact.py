@@ -22,21 +22,14 @@ from pathlib import Path
 from typing import Any
 
 from lmedit.errors import RequestError
-from lmedit.eval.datasets._io import Issues, make_request, read_records, require, text_of
+from lmedit.eval.datasets._io import (BadField, Issues, each_record, make_request, require, shown, string, strings,
+                                      text_of)
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 from lmedit.types import EditRequest
 
 ROME_URL = "https://rome.baulab.info/data/dsets/counterfact.json"
 MEMIT_URL = "https://memit.baulab.info/data/dsets/multi_counterfact.json"
-
-
-def _strings(issues: Issues, index: int, case_id: Any, record: dict[str, Any], key: str) -> list[str] | None:
-    value = record.get(key, [])
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        issues.add(index, case_id, key, f"must be a list of strings, got {type(value).__name__}")
-        return None
-    return value
 
 
 def _rome_request(issues: Issues, index: int, raw: dict[str, Any]) -> EditRequest | None:
@@ -50,8 +43,12 @@ def _rome_request(issues: Issues, index: int, raw: dict[str, Any]) -> EditReques
         issues.add(index, case_id, f"requested_rewrite.{missing[0]}", f"missing (also missing: {missing[1:]})"
                    if len(missing) > 1 else "missing")
         return None
+    true = text_of(rewrite["target_true"])
+    if not isinstance(true, str) or not true.strip():  # the neighbourhood probes' answer: needed
+        issues.add(index, case_id, "requested_rewrite.target_true", f"must be a non-empty string, got {shown(true)}")
+        return None
     return make_request(issues, index, case_id, "requested_rewrite", rewrite["prompt"], rewrite["subject"],
-                        text_of(rewrite["target_new"]), text_of(rewrite["target_true"]))
+                        text_of(rewrite["target_new"]), true)
 
 
 def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalRecord | None:
@@ -59,10 +56,11 @@ def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalR
     request = _rome_request(issues, index, raw)
     if request is None:
         return None
-    lists = {k: _strings(issues, index, case_id, raw, k)
+    lists = {k: strings(raw.get(k), k)
              for k in ("paraphrase_prompts", "neighborhood_prompts", "attribute_prompts", "generation_prompts")}
-    if any(v is None for v in lists.values()):
-        return None
+    relation = raw["requested_rewrite"].get("relation_id")
+    if relation is not None and not isinstance(relation, str):
+        raise BadField("requested_rewrite.relation_id", f"must be a string (a Wikidata id), got {type(relation).__name__}")
     new, true = request.target_new, request.target_true
     return EvalRecord(
         case_id=str(case_id),
@@ -71,7 +69,7 @@ def _rome(issues: Issues, index: int, raw: dict[str, Any], source: str) -> EvalR
         neighborhood=tuple(Probe(p, true, new) for p in lists["neighborhood_prompts"]),  # type: ignore[arg-type]
         generation_prompts=tuple(lists["generation_prompts"]),  # type: ignore[arg-type]
         reference_texts=tuple(f"{p} {new}." for p in lists["attribute_prompts"]),  # type: ignore[union-attr]
-        relation=raw["requested_rewrite"].get("relation_id"),
+        relation=relation,
         source=source,
     )
 
@@ -92,14 +90,16 @@ def _easyedit(issues: Issues, index: int, raw: dict[str, Any], source: str) -> E
     if request is None:
         return None
     paraphrases, neighborhood = [], []
-    if raw.get("rephrase_prompt"):
-        paraphrases.append(Probe(raw["rephrase_prompt"], request.target_new, request.target_true))
-    if raw.get("locality_prompt"):
+    rephrase = string(raw.get("rephrase_prompt") or None, "rephrase_prompt", optional=True)
+    if rephrase is not None:
+        paraphrases.append(Probe(rephrase, request.target_new, request.target_true))
+    locality = string(raw.get("locality_prompt") or None, "locality_prompt", optional=True)
+    if locality is not None:
         answer = raw.get("locality_ground_truth")
         if not isinstance(answer, str) or not answer.strip():
             issues.add(index, case_id, "locality_ground_truth", "missing while locality_prompt is given")
             return None
-        neighborhood.append(Probe(raw["locality_prompt"], answer.strip(), request.target_new))
+        neighborhood.append(Probe(locality, answer.strip(), request.target_new))
     return EvalRecord(case_id=str(case_id), requests=(request,), paraphrases=tuple(paraphrases),
                       neighborhood=tuple(neighborhood), source=source)
 
@@ -133,27 +133,16 @@ def request_from_record(record: Any) -> EditRequest:
 
 def load_counterfact(path: Path, issues: Issues) -> list[EvalRecord]:
     """Read CounterFact in either layout (see the module docstring); invalid records go to `issues`."""
-    records = []
-    for index, raw in read_records(path):
+    def parse(index: int, case_id: str | int, raw: dict[str, Any]) -> EvalRecord | None:
         source = f"{path.name}:{index}"
-        if not isinstance(raw, dict):
-            issues.add(index, None, "", f"must be a JSON object, got {type(raw).__name__}")
-            continue
-        if "case_id" not in raw:
-            issues.add(index, None, "case_id", "missing")
-            continue
         if "requested_rewrite" in raw:
-            record = _rome(issues, index, raw, source)
-        elif "ground_truth" in raw or "prompt" in raw:
-            record = _easyedit(issues, index, raw, source)
-        else:
-            issues.add(index, raw.get("case_id"), "requested_rewrite",
-                       f"missing: neither the ROME layout (requested_rewrite) nor the EasyEdit layout "
-                       f"(prompt/ground_truth); keys are {sorted(raw)}")
-            continue
-        if record is not None:
-            records.append(record)
-    return records
+            return _rome(issues, index, raw, source)
+        if "ground_truth" in raw or "prompt" in raw:
+            return _easyedit(issues, index, raw, source)
+        raise BadField("requested_rewrite", f"missing: neither the ROME layout (requested_rewrite) nor the EasyEdit "
+                                            f"layout (prompt/ground_truth); keys are {sorted(raw)[:8]}")
+
+    return each_record(path, issues, parse, case_id_required=True)
 
 
 datasets.register("counterfact", filename="counterfact.json", url=ROME_URL,

@@ -17,8 +17,10 @@ from __future__ import annotations
 import json
 from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
-from lmedit.eval.datasets._io import Issues, checked_records, make_request, require, text_of
+from lmedit.eval.datasets._io import (BadField, Issues, each_record, items, make_request, mapping, require, string, strings,
+                                      text_of)
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 from lmedit.types import EditRequest
@@ -30,43 +32,42 @@ def starter_path() -> Path:
 
 def load_starter(path: Path, issues: Issues) -> list[EvalRecord]:
     """Read starter-layout records (see the module docstring)."""
-    records = []
-    for index, case_id, raw in checked_records(path, issues, ("requested_rewrite",)):
-        rw = raw["requested_rewrite"]
+    def parse(index: int, case_id: str | int, raw: dict[str, Any]) -> EvalRecord | None:
+        rw = mapping(raw["requested_rewrite"], "requested_rewrite")
         request = make_request(issues, index, case_id, "requested_rewrite", rw.get("prompt"), rw.get("subject"),
                                text_of(rw.get("target_new")), text_of(rw.get("target_true")))
         if request is None:
-            continue
-        bad = False
+            return None
         neighborhood = []
-        for j, item in enumerate(raw.get("neighborhood", [])):
+        for j, item in enumerate(items(raw.get("neighborhood"), "neighborhood")):
             if not isinstance(item, dict) or require(item, ("prompt", "target")):
-                issues.add(index, case_id, f"neighborhood[{j}]", "needs 'prompt' and 'target'")
-                bad = True
-                break
-            neighborhood.append(Probe(item["prompt"], item["target"], request.target_new))
+                raise BadField(f"neighborhood[{j}]", "needs 'prompt' and 'target'")
+            neighborhood.append(Probe(string(item["prompt"], f"neighborhood[{j}].prompt"),
+                                      string(item["target"], f"neighborhood[{j}].target"), request.target_new))
         implications = []
-        for j, item in enumerate(raw.get("implications", [])):
-            fields = ("kind", "prompt", "subject", "target", "foil")
-            if not isinstance(item, dict) or require(item, fields) or item["prompt"].count("{}") != 1:
-                issues.add(index, case_id, f"implications[{j}]", f"needs {fields}, prompt with one '{{}}'")
-                bad = True
-                break
-            implications.append(Probe(item["prompt"].format(item["subject"]), item["target"], item["foil"],
+        fields = ("kind", "prompt", "subject", "target", "foil")
+        for j, item in enumerate(items(raw.get("implications"), "implications")):
+            if not isinstance(item, dict) or require(item, fields) \
+                    or not all(isinstance(item[f], str) for f in fields) or item["prompt"].count("{}") != 1:
+                raise BadField(f"implications[{j}]", f"needs strings {fields}, prompt with one '{{}}'")
+            # The subject goes where "{}" is; str.format would also read any other braces of stored text.
+            implications.append(Probe(item["prompt"].replace("{}", item["subject"], 1), item["target"], item["foil"],
                                       kind=item["kind"]))
-        if bad:
-            continue
-        records.append(EvalRecord(
+        relation = raw.get("relation")
+        if relation is not None and not isinstance(relation, str):
+            raise BadField("relation", f"must be a string, got {type(relation).__name__}")
+        return EvalRecord(
             case_id=str(case_id), requests=(request,),
             paraphrases=tuple(Probe(p, request.target_new, request.target_true)
-                              for p in raw.get("paraphrase_prompts", [])),
+                              for p in strings(raw.get("paraphrase_prompts"), "paraphrase_prompts")),
             neighborhood=tuple(neighborhood),
-            generation_prompts=tuple(raw.get("generation_prompts", [])),
-            reference_texts=tuple(raw.get("reference_texts", [])),
+            generation_prompts=strings(raw.get("generation_prompts"), "generation_prompts"),
+            reference_texts=strings(raw.get("reference_texts"), "reference_texts"),
             implications=tuple(implications),
-            relation=raw.get("relation"), source=f"{path.name}:{index}",
-        ))
-    return records
+            relation=relation, source=f"{path.name}:{index}",
+        )
+
+    return each_record(path, issues, parse, fields=("requested_rewrite",))
 
 
 datasets.register("starter", filename=None, url=None, description="facts gemma3-270m knows (shipped)",

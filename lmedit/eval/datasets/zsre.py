@@ -12,8 +12,9 @@ Not handled: `cond` (MEND's conditioning string) is ignored.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from lmedit.eval.datasets._io import Issues, checked_records, make_request
+from lmedit.eval.datasets._io import BadField, Issues, each_record, make_request, shown, string
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 
@@ -22,26 +23,26 @@ ZSRE_URL = "https://rome.baulab.info/data/dsets/zsre_mend_eval.json"
 
 def load_zsre(path: Path, issues: Issues) -> list[EvalRecord]:
     """Read zsRE records (JSON array or lines); the record index is the case id when none is given."""
-    records = []
-    for index, case_id, raw in checked_records(path, issues, ("subject", "src", "alt", "answers")):
+    def parse(index: int, case_id: str | int, raw: dict[str, Any]) -> EvalRecord | None:
         answers = raw["answers"]
         if not isinstance(answers, list) or not isinstance(answers[0], str):
-            issues.add(index, case_id, "answers", f"must be a list of strings, got {answers!r}")
-            continue
+            raise BadField("answers", f"must be a list of strings, got {shown(answers)}")
         true = answers[0] if answers[0].strip() and answers[0].strip() != str(raw["alt"]).strip() else None
         request = make_request(issues, index, case_id, "", raw["src"], raw["subject"], raw["alt"], true)
         if request is None:
-            continue
-        paraphrases = (Probe(raw["rephrase"], request.target_new, request.target_true),) if raw.get("rephrase") else ()
-        neighborhood = ()
-        if raw.get("loc"):
+            return None
+        rephrase = string(raw.get("rephrase") or None, "rephrase", optional=True)
+        paraphrases = (Probe(rephrase, request.target_new, request.target_true),) if rephrase else ()
+        neighborhood: tuple[Probe, ...] = ()
+        loc = string(raw.get("loc") or None, "loc", optional=True)
+        if loc is not None:
             if not isinstance(raw.get("loc_ans"), str) or not raw["loc_ans"].strip():
-                issues.add(index, case_id, "loc_ans", "missing while loc is given")
-                continue
-            neighborhood = (Probe(raw["loc"] + "?", raw["loc_ans"].strip()),)  # ROME keeps "nq question: "
-        records.append(EvalRecord(case_id=str(case_id), requests=(request,), paraphrases=paraphrases,
-                                  neighborhood=neighborhood, source=f"{path.name}:{index}"))
-    return records
+                raise BadField("loc_ans", "missing while loc is given")
+            neighborhood = (Probe(loc + "?", raw["loc_ans"].strip()),)  # ROME keeps "nq question: "
+        return EvalRecord(case_id=str(case_id), requests=(request,), paraphrases=paraphrases,
+                          neighborhood=neighborhood, source=f"{path.name}:{index}")
+
+    return each_record(path, issues, parse, fields=("subject", "src", "alt", "answers"))
 
 
 datasets.register("zsre", filename="zsre_mend_eval.json", url=ZSRE_URL,

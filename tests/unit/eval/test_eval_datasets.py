@@ -94,8 +94,8 @@ def test_missing_field_is_reported_with_file_record_and_field(tmp_path):
 def test_subject_absent_from_prompt(tmp_path):
     record = {"case_id": 1, "prompt": "The mother tongue of Danielle is", "subject": "Danielle Darrieux",
               "target_new": "English", "ground_truth": "French"}
-    ds = load_dataset("counterfact", write(tmp_path, "ee.json", [record]))
-    assert not ds.records and "does not occur in the prompt" in ds.issues[0].message
+    ds = load_dataset("counterfact", write(tmp_path, "ee.json", [record, ROME_RECORD]))
+    assert [r.case_id for r in ds.records] == ["7"] and "does not occur in the prompt" in ds.issues[0].message
     assert ds.issues[0].field == "subject"
 
 
@@ -107,8 +107,11 @@ def test_duplicate_case_ids(tmp_path):
 
 
 def test_unreadable_files(tmp_path):
-    (tmp_path / "broken.jsonl").write_text('{"case_id": 1}\n{"case_id": \n')
-    with pytest.raises(DatasetError, match="line 2"):
+    (tmp_path / "broken.json").write_text('[{"case_id": 1},\n{"case_id": \n')  # a JSON array that does not parse
+    with pytest.raises(DatasetError, match="invalid JSON at line 3"):
+        load_dataset("counterfact", tmp_path / "broken.json")
+    (tmp_path / "broken.jsonl").write_text('{"case_id": 1}\n{"case_id": \n')  # JSON lines: every record is bad
+    with pytest.raises(DatasetError, match=r"holds no valid counterfact record \(2 invalid; first: record 0"):
         load_dataset("counterfact", tmp_path / "broken.jsonl")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_dataset("counterfact", tmp_path / "missing.json")
@@ -117,5 +120,5 @@ def test_unreadable_files(tmp_path):
 
 
 def test_unknown_layout_names_the_record(tmp_path):
-    ds = load_dataset("counterfact", write(tmp_path, "x.json", [{"case_id": 3, "question": "?"}]))
+    ds = load_dataset("counterfact", write(tmp_path, "x.json", [{"case_id": 3, "question": "?"}, ROME_RECORD]))
     assert "neither the ROME layout" in ds.issues[0].message and ds.issues[0].case_id == "3"
