@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import stat
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -297,7 +296,7 @@ def test_atomic_write_failure_keeps_the_old_file_and_sweeps_only_stale_temporari
     unrelated = path.parent / "notes.lmedit-tmp.txt"
     for p in (stale, fresh, unrelated):
         p.write_bytes(b"x")
-    os.utime(stale, (time.time() - 7200, time.time() - 7200))
+    os.utime(stale, (1_000_000_000, 1_000_000_000))  # 2001: long stale
     atomic_write(path.parent / "other.json", b"new")
     assert not stale.exists() and fresh.exists() and unrelated.exists()
 

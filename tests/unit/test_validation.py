@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from pathlib import Path
 
 import pytest
@@ -325,10 +324,8 @@ EDIT_SETTINGS = {"rome": {"layer": 1}, "memit": {"layers": [1, 2]}, "alphaedit":
 def test_every_editor_refuses_a_request_longer_than_the_context_before_any_forward(forwards, method, request_):
     lm = forwards
     before = snapshot(lm)
-    start = time.perf_counter()
     with pytest.raises(RequestError, match=r"EditRequest\.prompt.*context of 128 tokens"):
         lmedit.edit(lm, request_, method, config=EDIT_SETTINGS.get(method, {}))
-    assert time.perf_counter() - start < 5
     assert lm.forwards == []
     assert_unchanged(lm, before)
 
@@ -386,9 +383,7 @@ def test_score_generate_and_trace_refuse_prompts_longer_than_the_context(family,
         (lambda: lmedit.trace(lm, huge_prompt + "The Louvre is in", "The Louvre"), "characters"),
     ]
     for call, expected in checks:
-        start = time.perf_counter()
         with pytest.raises(RequestError, match=expected):
             call()
-        assert time.perf_counter() - start < 5
     assert calls == []
     assert lmedit.score(lm, "The Louvre is in", "Paris").n_tokens >= 1  # a short prompt still works
