@@ -276,12 +276,17 @@ def read_tensors(path: str | Path, provenance: Mapping[str, Any],
         provenance: what the caller is asking for; must equal what the file was computed from.
         expected: tensor name -> (shape, dtype); the file must hold exactly these. Float tensors must be finite.
     """
-    path = Path(path)
+    return _checked(Path(path), lambda p: _read_tensors(p, _provenance(provenance), expected))
+
+
+def _checked(path: Path, read: Any) -> Any:
+    """`read(path)`, or None (with a warning naming the file and the reason) when the file fails a check;
+    a missing file gives None without a warning. Stale temporaries beside it are swept first."""
     if not os.path.lexists(path):
         return None
     sweep(path.parent)
     try:
-        return _read_tensors(path, _provenance(provenance), expected)
+        return read(path)
     except _Rejected as rejected:
         _warn(path, str(rejected))
         return None
@@ -352,15 +357,7 @@ def read_json(path: str | Path, provenance: Mapping[str, Any], check: Check | No
         provenance: what the caller is asking for; must equal what the file was computed from.
         check: payload -> None if the payload is usable (type, length, ranges), else the reason it is not.
     """
-    path = Path(path)
-    if not os.path.lexists(path):
-        return None
-    sweep(path.parent)
-    try:
-        return _read_json(path, _provenance(provenance), check)
-    except _Rejected as rejected:
-        _warn(path, str(rejected))
-        return None
+    return _checked(Path(path), lambda p: _read_json(p, _provenance(provenance), check))
 
 
 def _read_json(path: Path, provenance: dict[str, Any], check: Check | None) -> Any:
