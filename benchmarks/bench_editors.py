@@ -2,7 +2,7 @@
 
 Per method (its shipped lmedit/configs/<method>/<model>.yaml): median over `--facts` facts of `editor.edit` (statistics,
 prefixes and other caches warmed by a first, uncounted edit). For the methods that optimise target values
-(ROME, MEMIT, AlphaEdit) the "floor" is that optimisation alone (`_value.optimize_values` with the
+(ROME, MEMIT, AlphaEdit) the "floor" is that optimisation alone (`steps.value.optimize_values` with the
 method's own options, sites and prefixes, on the same fact): the forward/backward passes the method
 cannot avoid; the ratio is what everything else (keys, solves, the spread) costs on top.
 MEMIT throughput: one `edit` call with n CounterFact requests, for each n in `--sizes`, in edits per minute.
@@ -24,8 +24,8 @@ from _common import emit, median, peak_rss_mb, timed  # noqa: E402
 
 import lmedit  # noqa: E402
 from lmedit.editors import get_editor  # noqa: E402
-from lmedit.editors._mass import target_mode  # noqa: E402
-from lmedit.editors._value import context_prefixes, optimize_values  # noqa: E402
+from lmedit.editors.steps.mass import target_mode  # noqa: E402
+from lmedit.editors.steps.value import context_prefixes, optimize_values  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
 from lmedit.settings import shipped_path  # noqa: E402
 

@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import emit, median, peak_rss_mb, timed  # noqa: E402
 
 import lmedit  # noqa: E402
-from lmedit.editors._value import _problem, context_prefixes  # noqa: E402
+from lmedit.editors.steps.value import value_problem, context_prefixes  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
 from lmedit.settings import resolve_editor  # noqa: E402
 from lmedit.split_forward import SplitForward  # noqa: E402
@@ -53,11 +53,11 @@ FACTS = [
 def floor_time(lm, layer: int, request: EditRequest, prefixes: list[str], n_forward: int, *, delta_only: bool) -> float:
     """Time of n_forward forwards and n_forward-1 backwards of the v* batch (the passes the optimisation needs).
 
-    Adapted from lmedit/editors/_value.py::optimize_values: differs in keeping only the passes (no loss terms,
+    Adapted from lmedit/editors/steps/value.py::optimize_values: differs in keeping only the passes (no loss terms,
     optimiser or clamp), so the ratio measures everything else the editor does. The `SplitForward` set-up
     (the fixed positions' one forward) is outside the timing.
     """
-    problem = _problem(lm, request, prefixes, "{} is a")
+    problem = value_problem(lm, request, prefixes, "{} is a")
     seqs, lookups = problem.seqs, problem.lookups
     fwd = SplitForward(lm, seqs, lookups if delta_only else [0] * len(seqs), layer if delta_only else 0)
     all_rows = torch.arange(len(seqs))

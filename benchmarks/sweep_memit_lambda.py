@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 import lmedit  # noqa: E402
 from lmedit.config import to_dict  # noqa: E402
 from lmedit.editors import get_editor  # noqa: E402
-from lmedit.editors._mass import Targets  # noqa: E402
+from lmedit.editors.steps.mass import Targets  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
 from lmedit.eval.measure import measure  # noqa: E402
 from lmedit.eval.metrics import MetricInputs, compute_metrics  # noqa: E402

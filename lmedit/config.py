@@ -193,7 +193,7 @@ def check_ranges(config: Any, *, positive: Iterable[str] = (), nonnegative: Iter
         ConfigError: naming the class, the field, the value and what was expected.
     """
     owner = type(config).__name__
-    numbers = _number_fields(type(config))
+    numbers = number_fields(type(config))
     for field in dataclasses.fields(config):
         name, value = field.name, getattr(config, field.name)
         kind, is_tuple = numbers.get(name, (None, False))
@@ -229,7 +229,7 @@ def check_ranges(config: Any, *, positive: Iterable[str] = (), nonnegative: Iter
 
 
 @functools.cache
-def _number_fields(cls: type) -> dict[str, tuple[type, bool]]:
+def number_fields(cls: type) -> dict[str, tuple[type, bool]]:
     """Field name -> (int or float, whether a tuple of them) for the number fields of config class `cls`."""
     out: dict[str, tuple[type, bool]] = {}
     try:

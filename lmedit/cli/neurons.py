@@ -63,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
 
     lm = load_model(args)
     if args.prefixes:
-        from lmedit.editors._value import context_prefixes
+        from lmedit.editors.steps.value import context_prefixes
         from lmedit.stats import StatsCache
 
         with console.status("sampling prefixes ..."):

@@ -1,6 +1,6 @@
 """AlphaEdit: null-space constrained knowledge editing (Fang et al. 2024, arXiv:2410.02355).
 
-MEMIT's steps (`editors/_mass.py`), with the update confined to the null space of the preserved keys:
+MEMIT's steps (`editors/steps/mass.py`), with the update confined to the null space of the preserved keys:
 P = Û Ûᵀ, Û the eigenvectors of the corpus key second moment C whose eigenvalues are below
 `nullspace_threshold` × the largest. Any Δ = Δ̃ P leaves preserved keys' outputs alone (Δ k₀ ≈ 0), so no
 λC term is needed; the update minimises ‖Δ̃ P K − D‖² + ‖Δ̃ P K_p‖² + α‖Δ̃‖², where K_p are the keys of
@@ -26,9 +26,9 @@ import torch
 
 from lmedit.cache import read_tensors, write_tensors
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors._mass import (MassEditConfig, check_layers, default_layers, preserved_keys, request_info, spread,
+from lmedit.editors.steps.mass import (MassEditConfig, check_layers, default_layers, preserved_keys, request_info, spread,
                                   target_mode, z_targets)
-from lmedit.editors._value import context_prefixes
+from lmedit.editors.steps.value import context_prefixes
 from lmedit.editors.base import Editor, WeightEdit, check_requests
 from lmedit.registry import editors
 from lmedit.stats import StatsCache, key_second_moment

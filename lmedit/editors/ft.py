@@ -3,10 +3,10 @@
 A baseline of ROME (Meng et al. 2022, "Locating and Editing Factual Associations in GPT", arXiv:2202.05262,
 §4) and of Zhu et al. 2020 ("Modifying Memories in Transformer Models", arXiv:2012.00363). By default one
 layer's MLP down-projection (`mlp_out`) is trained; `layers` and `module` (mlp_out | mlp_in | attn_out)
-choose others. The loop is `editors/_finetune.py`, shared with FT-L (`editors/ft_l.py`), which bounds the
+choose others. The loop is `editors/steps/finetune.py`, shared with FT-L (`editors/ft_l.py`), which bounds the
 change in L∞ norm. The result is a `WeightEdit` with dense deltas; `info` holds the loss curve.
 
-Not handled: a locality (KL) term, mini-batches, biases/norms; see `_finetune.py`.
+Not handled: a locality (KL) term, mini-batches, biases/norms; see `steps.finetune.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from lmedit.editors._finetune import FinetuneConfig, finetune_edit
+from lmedit.editors.steps.finetune import FinetuneConfig, finetune_edit
 from lmedit.editors.base import Editor, WeightEdit, check_requests
 from lmedit.registry import editors
 from lmedit.stats import StatsCache

@@ -1,13 +1,13 @@
 """FT-L, fine-tuning with an L∞ norm constraint (Zhu et al. 2020, "Modifying Memories in Transformer Models",
 arXiv:2012.00363).
 
-The same Adam loop on target_new's NLL as FT (`editors/_finetune.py`), but after every step the trained
+The same Adam loop on target_new's NLL as FT (`editors/steps/finetune.py`), but after every step the trained
 weight is projected back onto {W : ‖W − W₀‖∞ ≤ ε} (an elementwise clamp of the change), so no entry moves by
 more than ε = `norm_constraint`. ROME (arXiv:2202.05262) used ε = 5e-4 on GPT-2 XL and EasyEdit 5e-5; the
 per-model configs in configs/ft_l/ pick ε by measurement, because those values are too small to flip a
 fact in a 270M model within a few dozen steps.
 
-Not handled: a locality (KL) term, mini-batches, biases/norms; see `_finetune.py`.
+Not handled: a locality (KL) term, mini-batches, biases/norms; see `steps.finetune.py`.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from lmedit.config import check_ranges
-from lmedit.editors._finetune import FinetuneConfig, finetune_edit
+from lmedit.editors.steps.finetune import FinetuneConfig, finetune_edit
 from lmedit.editors.base import Editor, WeightEdit, check_requests
 from lmedit.registry import editors
 from lmedit.stats import StatsCache

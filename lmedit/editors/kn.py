@@ -22,7 +22,7 @@ The final norm's per-channel gain and Gemma's post-MLP RMSNorm are ignored, as t
 layer norms: the edit is a direction in the residual stream.
 
 Prompts: the request's prompt, plus `n_prefixes` copies under short model-generated prefixes
-("{prefix}. {prompt}", ROME's context templates, `editors/_value.py`) standing in for the paper's
+("{prefix}. {prompt}", ROME's context templates, `editors/steps/value.py`) standing in for the paper's
 generated paraphrases (`EditRequest` carries no paraphrases). Several requests in one edit are located
 on the unedited model and their column shifts summed.
 
@@ -53,7 +53,7 @@ import torch
 
 from lmedit.cache import describe, is_int, read_json, write_json
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors._value import context_prefixes, prefix_token_bound
+from lmedit.editors.steps.value import context_prefixes, prefix_token_bound
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.neurons import KnowledgeNeurons, Neuron, attribute, find_knowledge_neurons, refine

@@ -1,7 +1,7 @@
 """MEMIT, Mass-Editing Memory in a Transformer (Meng et al. 2023, arXiv:2210.07229).
 
 Edits many facts at once by spreading each fact's change over the MLP down-projections of a range of
-layers (`editors/_mass.py` holds the shared steps). Per layer, the update minimises
+layers (`editors/steps/mass.py` holds the shared steps). Per layer, the update minimises
     Σ_i ‖(W + Δ) k_i − (W k_i + d_i)‖²  +  λ · E_{k∼C}[‖Δ k‖²]
 so the new keys map to their targets while keys typical of the corpus (second moment C, `stats.py`)
 move little; its closed form is Δ = D Kᵀ (λ C + K Kᵀ)⁻¹ (eq. 14), solved here in float64. λ is MEMIT's
@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors._mass import (MassEditConfig, Targets, check_layers, default_layers, request_info, spread,
+from lmedit.editors.steps.mass import (MassEditConfig, Targets, check_layers, default_layers, request_info, spread,
                                   target_mode, z_targets)
-from lmedit.editors._value import context_prefixes
+from lmedit.editors.steps.value import context_prefixes
 from lmedit.editors.base import Editor, WeightEdit, check_requests
 from lmedit.registry import editors
 from lmedit.stats import StatsCache, key_second_moment

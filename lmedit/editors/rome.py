@@ -5,7 +5,7 @@ makes the model say target_new:  W' = W + Λ (C⁻¹k*)ᵀ,  Λ = (v* − W k* �
 so W' k* = v* exactly, while keys uncorrelated with k* under C = E[k kᵀ] are barely moved.
 
 Legend: `k*` (d_mlp): mean key at the subject's last token over the prompt and ~20 model-generated
-prefixes; `v*` (d_model): optimised output (`editors/_value.py`); `C` (d_mlp, d_mlp): key second moment
+prefixes; `v*` (d_model): optimised output (`editors/steps/value.py`); `C` (d_mlp, d_mlp): key second moment
 (`stats.py`).
 
 By default the same prefix-averaged k* is used in Λ and in C⁻¹k* (R-ROME, Gupta et al. 2024,
@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors._value import ValueOptions, context_prefixes, optimize_value, prefix_token_bound
+from lmedit.editors.steps.value import ValueOptions, context_prefixes, optimize_value, prefix_token_bound
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.registry import editors

@@ -150,7 +150,7 @@ class LM:
         if dtype is not None:
             model.to(dtype=dtype)
         if device is not None:
-            model.to(_resolve_device(device))
+            model.to(resolve_device(device))
         model.eval().requires_grad_(False)
         label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         return cls(model=model, tokenizer=tokenizer, arch=arch, name=str(label), fingerprint=weights_fingerprint(model))
@@ -239,7 +239,7 @@ def as_lm(obj: Any) -> LM:
                        f"got {type(obj).__name__}")
 
 
-def _resolve_device(device: str | None) -> str:
+def resolve_device(device: str | None) -> str:
     """`device`, checked before anything is loaded; "auto" (or None) picks CUDA when there is a GPU.
 
     Raises:
@@ -374,7 +374,7 @@ def load(name_or_path: str | PreTrainedModel = DEFAULT_MODEL, *, tokenizer: PreT
     if tokenizer is not None:
         raise LMEditError("tokenizer= goes with a model object (lmedit.load(model, tokenizer=tokenizer)); "
                           f"{str(name_or_path)!r} is loaded with its own tokenizer")
-    device = _resolve_device("cpu" if device is _UNSET else device)
+    device = resolve_device("cpu" if device is _UNSET else device)
     dtype = torch.float32 if dtype is _UNSET else dtype
     if name_or_path in BUILTIN_MODELS:
         model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype)

@@ -23,7 +23,7 @@ from lmedit.tracing.engine import (
 )
 from lmedit.tracing.facts import Fact, builtin_facts, known_facts
 from lmedit.tracing.plots import plot_average
-from lmedit.tracing.single import _encode_prompt, trace_kinds
+from lmedit.tracing.single import encode_prompt, trace_kinds
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -122,7 +122,7 @@ def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequenc
     per_kind: dict[str, dict[str, list[torch.Tensor]]] = {k: {b: [] for b in buckets} for k in kinds}
     clean, corrupted = [], []
     for i, fact in enumerate(kept):
-        ids = _encode_prompt(lm, fact.text)
+        ids = encode_prompt(lm, fact.text)
         span = find_subject(lm, fact.text, fact.subject)
         groups = {b: pos for b, pos in token_buckets(len(ids), span.first, span.last).items() if b in buckets}
         needed = sorted({t for pos in groups.values() for t in pos})

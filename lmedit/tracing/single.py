@@ -136,10 +136,10 @@ def _validate(lm: LM, prompt: str, samples: int, noise: float | None, window: in
         raise RequestError(f"samples must be >= 1, got {samples}")
     if noise is not None and (noise < 0 or not math.isfinite(noise)):
         raise RequestError(f"noise must be a finite non-negative std, got {noise}")
-    return _validate_window(lm, window)
+    return validate_window(lm, window)
 
 
-def _validate_window(lm: LM, window: int | None) -> int:
+def validate_window(lm: LM, window: int | None) -> int:
     """The window to use: `window`, or the default for the model's depth."""
     n_layers = lm.n_layers
     window = default_window(n_layers) if window is None else window
@@ -148,7 +148,7 @@ def _validate_window(lm: LM, window: int | None) -> int:
     return window
 
 
-def _encode_prompt(lm: LM, prompt: str) -> list[int]:
+def encode_prompt(lm: LM, prompt: str) -> list[int]:
     ids = prompt_ids(lm, prompt)
     limit = max_positions(lm)
     if limit is not None and len(ids) > limit:
@@ -209,7 +209,7 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
     if source_prompt is not None and not source_prompt.strip():
         raise RequestError("the source prompt is empty: give the prompt whose states are patched in")
     n_layers = lm.n_layers
-    ids = _encode_prompt(lm, prompt)
+    ids = encode_prompt(lm, prompt)
     span = find_subject(lm, prompt, subject)
     n_pos = len(ids)
     if tokens is not None:
@@ -252,7 +252,7 @@ def trace_kinds(lm: LM, prompt: str, subject: str, answer: str | None = None, *,
         traced = [t for t in (range(n_pos) if tokens is None else tokens) if t >= span.first]
         offset = 0
     else:
-        source_ids = _encode_prompt(lm, source_prompt)
+        source_ids = encode_prompt(lm, source_prompt)
         src_acts, src_last = _capture_all(lm, torch.tensor([source_ids], device=lm.device), None, kinds_sites)
         base_acts, base_last = _capture_all(lm, torch.tensor([ids], device=lm.device), None, kinds_sites)
         work.add(1, len(source_ids), n_layers)
@@ -365,7 +365,7 @@ def restored_prob(lm: LM, prompt: str, subject: str, restore: Mapping[Site, Sequ
         RequestError: as in `trace`, or `restore` names nothing.
     """
     _validate(lm, prompt, samples, noise, None)
-    ids = _encode_prompt(lm, prompt)
+    ids = encode_prompt(lm, prompt)
     span = find_subject(lm, prompt, subject)
     n_pos = len(ids)
     noise = embedding_noise(lm) if noise is None else noise

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from lmedit.tracing.average import average_trace
 from lmedit.tracing.engine import ProgressFn, embedding_noise
 from lmedit.tracing.facts import Fact, builtin_facts
-from lmedit.tracing.single import _validate_window
+from lmedit.tracing.single import validate_window
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -103,7 +103,7 @@ def suggest_layer(lm: LM, facts: Sequence[Fact] | None = None, *, samples: int =
         A `LayerSuggestion` with `layer` and the evidence curve.
     """
     facts = builtin_facts() if facts is None else list(facts)
-    window = _validate_window(lm, window)
+    window = validate_window(lm, window)
     noise = embedding_noise(lm) if noise is None else noise
     facts_sha = _facts_sha(facts)
     path = None

@@ -65,7 +65,7 @@ def test_subject_lookup_on_real_tokenizers(gemma, smollm):
 @pytest.mark.parametrize("model_fixture,layer", [("gemma", 2), ("smollm", 4)])
 def test_delta_only_passes_give_the_full_forward_answer(model_fixture, layer, request):
     """v* from the δ-only passes (`SplitForward`) equals the full-forward v* to 1e-5 on the real models."""
-    from lmedit.editors._value import ValueOptions, optimize_value
+    from lmedit.editors.steps.value import ValueOptions, optimize_value
 
     lm = request.getfixturevalue(model_fixture)
     prefixes = ["", "Yesterday I walked to the market. ", "The weather was cold. "]

@@ -329,7 +329,7 @@ def test_an_unwritable_cache_warns_and_the_result_is_unchanged(tmp_path, corpus)
 
 # --- URL downloads --------------------------------------------------------------------------------
 def test_url_downloads_are_cached_under_a_hash_of_the_url(tmp_path, monkeypatch):
-    from lmedit.eval.datasets import _io
+    from lmedit.eval.datasets import reading
 
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("LMEDIT_DATA", raising=False)
@@ -340,12 +340,12 @@ def test_url_downloads_are_cached_under_a_hash_of_the_url(tmp_path, monkeypatch)
         calls.append(url)
         return io.BytesIO(served[url])
 
-    monkeypatch.setattr(_io.urllib.request, "urlopen", urlopen)
-    a, b = (_io.fetch(url) for url in served)
+    monkeypatch.setattr(reading.urllib.request, "urlopen", urlopen)
+    a, b = (reading.fetch(url) for url in served)
     assert a != b and a.name == b.name == "data.json"
     assert a.read_bytes() == served["https://a.example/x/data.json"] and b.read_bytes() == served["https://b.example/y/data.json"]
-    assert _io.fetch("https://a.example/x/data.json") == a and len(calls) == 2  # the second time from the cache
+    assert reading.fetch("https://a.example/x/data.json") == a and len(calls) == 2  # the second time from the cache
     assert stat.S_IMODE(a.parent.stat().st_mode) == 0o700 and not list(a.parent.glob(f"*{TMP_SUFFIX}"))
     # a file that an older lmedit cached by name only is not taken for the default URL's data
     (tmp_path / "cache" / "data" / "data.json").write_bytes(b'[{"from": "elsewhere"}]')
-    assert _io.resolve(None, name="x", filename="data.json", url="https://b.example/y/data.json") == b
+    assert reading.resolve(None, name="x", filename="data.json", url="https://b.example/y/data.json") == b

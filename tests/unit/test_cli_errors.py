@@ -132,11 +132,11 @@ def test_devices_are_checked_before_loading(model_dir, capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["generate", "--model", str(model_dir), "--device", "cuda", "hi"]) == 2
     assert "CUDA is not available" in last_error(capsys)
-    from lmedit.models.load import _resolve_device
+    from lmedit.models.load import resolve_device
 
     with pytest.raises(DeviceError):
-        _resolve_device("cuda:0")
-    assert _resolve_device("auto") == "cpu" and _resolve_device("cpu") == "cpu"
+        resolve_device("cuda:0")
+    assert resolve_device("auto") == "cpu" and resolve_device("cpu") == "cpu"
 
 
 def test_model_directory_without_tokenizer_or_config(model_dir, tmp_path, capsys):

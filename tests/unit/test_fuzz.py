@@ -33,7 +33,7 @@ from safetensors.torch import load_file, save_file
 import lmedit
 from lmedit.cache import CacheWarning, write_json
 from lmedit.cli.main import main
-from lmedit.config import _number_fields, load_config
+from lmedit.config import number_fields, load_config
 from lmedit.editors import load_edit
 from lmedit.editors.alphaedit import AlphaEditConfig, AlphaEditEditor
 from lmedit.editors.base import ParamDelta, WeightEdit
@@ -194,7 +194,7 @@ PY_BAD = st.sampled_from([True, False, None, float("nan"), float("inf"), -float(
 @given(cls=st.sampled_from(CONFIG_CLASSES), data=st.data(), how=st.sampled_from(["override", "python", "unknown key",
                                                                                   "yaml file"]))
 def test_configs(lm, tmp_path, cls, data, how):
-    fields = sorted(_number_fields(cls))
+    fields = sorted(number_fields(cls))
     if how == "override" and fields:
         field = data.draw(st.sampled_from(fields))
         value = data.draw(YAML_BAD | NUMBERS.map(repr) | st.text(max_size=6).filter(lambda t: "\n" not in t))

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lmedit.editors._value import ValueOptions, optimize_values
+from lmedit.editors.steps.value import ValueOptions, optimize_values
 from lmedit.hooks import capture, patch
 from lmedit.split_forward import SplitForward
 from lmedit.testing import tiny_lm
@@ -123,9 +123,9 @@ def test_value_optimisation_same_answer_as_full_passes(tiny_family_lm, layer, ki
 
 def test_value_optimisation_keys_match_keys_read_on_their_own(tiny_llama):
     """ROME's keys, read in the optimisation's first forward, are the keys a forward of their own reads."""
-    from lmedit.editors._mass import _at_subject
+    from lmedit.editors.steps.mass import at_subject
 
     lm = tiny_llama
     result = optimize_values(lm, 1, REQUESTS[:1], PREFIXES, ValueOptions(steps=2), with_keys=True)[0]
-    expected = _at_subject(lm, Site("mlp.key", 1), [(p + REQUESTS[0].prompt, REQUESTS[0].subject) for p in PREFIXES], 8)
+    expected = at_subject(lm, Site("mlp.key", 1), [(p + REQUESTS[0].prompt, REQUESTS[0].subject) for p in PREFIXES], 8)
     torch.testing.assert_close(result.keys, expected.to(torch.float32), rtol=1e-5, atol=1e-6)

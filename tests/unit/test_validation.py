@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.config import _number_fields, check_ranges, load_config
+from lmedit.config import number_fields, check_ranges, load_config
 from lmedit.editors import get_editor
 from lmedit.editors.alphaedit import AlphaEditConfig
 from lmedit.editors.ft import FtConfig
@@ -129,14 +129,14 @@ def _config_classes() -> list[type]:
 
 
 def _float_fields() -> list[tuple[type, str]]:
-    return [(cls, name) for cls in _config_classes() for name, (kind, _) in _number_fields(cls).items()
+    return [(cls, name) for cls in _config_classes() for name, (kind, _) in number_fields(cls).items()
             if kind is float]
 
 
 @pytest.mark.parametrize("value", [NAN, INF, -INF])
 @pytest.mark.parametrize("cls, field", _float_fields(), ids=[f"{c.__name__}.{f}" for c, f in _float_fields()])
 def test_every_float_field_of_every_config_refuses_non_finite(cls, field, value):
-    hint = _number_fields(cls)[field]
+    hint = number_fields(cls)[field]
     with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{field}"):
         cls(**{field: (value,) if hint[1] else value})
 
@@ -144,7 +144,7 @@ def test_every_float_field_of_every_config_refuses_non_finite(cls, field, value)
 def test_every_config_refuses_a_bool_for_a_number():
     checked = 0
     for cls in _config_classes():
-        for field, (_, is_tuple) in _number_fields(cls).items():
+        for field, (_, is_tuple) in number_fields(cls).items():
             with pytest.raises(ConfigError, match=rf"{cls.__name__}\.{field} expects"):
                 cls(**{field: (True,) if is_tuple else True})
             checked += 1

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lmedit.errors import LMEditError
-from lmedit.eval.datasets._io import DatasetError, DatasetWarning, Issue, Issues, resolve
+from lmedit.eval.datasets.reading import DatasetError, DatasetWarning, Issue, Issues, resolve
 from lmedit.eval.records import EvalRecord
 from lmedit.registry import datasets
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from lmedit.errors import RequestError
-from lmedit.eval.datasets._io import (BadField, Issues, each_record, make_request, require, shown, string, strings,
+from lmedit.eval.datasets.reading import (BadField, Issues, each_record, make_request, require, shown, string, strings,
                                       text_of)
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmedit.eval.datasets._io import Issues, each_record, items, make_request, mapping, string, strings, text_of
+from lmedit.eval.datasets.reading import Issues, each_record, items, make_request, mapping, string, strings, text_of
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 

@@ -19,7 +19,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from lmedit.eval.datasets._io import (BadField, Issues, each_record, items, make_request, mapping, require, string, strings,
+from lmedit.eval.datasets.reading import (BadField, Issues, each_record, items, make_request, mapping, require, string, strings,
                                       text_of)
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets

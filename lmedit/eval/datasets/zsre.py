@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lmedit.eval.datasets._io import BadField, Issues, each_record, make_request, shown, string
+from lmedit.eval.datasets.reading import BadField, Issues, each_record, make_request, shown, string
 from lmedit.eval.records import EvalRecord, Probe
 from lmedit.registry import datasets
 

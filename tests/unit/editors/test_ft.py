@@ -1,4 +1,4 @@
-"""FT and FT-L (editors/ft.py, editors/ft_l.py, editors/_finetune.py) on tiny random models."""
+"""FT and FT-L (editors/ft.py, editors/ft_l.py, editors/steps/finetune.py) on tiny random models."""
 
 import pytest
 import torch

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.editors._value import ValueOptions, optimize_value, optimize_values
+from lmedit.editors.steps.value import ValueOptions, optimize_value, optimize_values
 from lmedit.editors.base import WeightEdit
 from lmedit.editors.memit import MemitConfig, MemitEditor, memit_solve
 from lmedit.hooks import capture, patch

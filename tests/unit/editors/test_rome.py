@@ -4,7 +4,7 @@ import torch
 import lmedit
 from lmedit.editors.base import WeightEdit
 from lmedit.editors.rome import RomeConfig, RomeEditor, rank_one_update
-from lmedit.editors._mass import request_keys
+from lmedit.editors.steps.mass import request_keys
 from lmedit.errors import EditFailedError, LMEditError
 from lmedit.stats import StatsCache
 from lmedit.testing import _CORPUS, tiny_lm
@@ -55,7 +55,7 @@ def _paper_update(W, b, C, k_bar, k_bare, v_star):
     return torch.outer(right_vector, left_vector)
 
 
-def _problem(seed: int):
+def value_problem(seed: int):
     """A random down-projection W (8×16) with bias, key statistics C, two keys and a target value."""
     torch.manual_seed(seed)
     W, b, A = torch.randn(8, 16), torch.randn(8), torch.randn(16, 40)
@@ -63,7 +63,7 @@ def _problem(seed: int):
 
 
 def test_original_key_mix_is_the_papers_update():
-    W, b, C, k_bar, k_bare, v = _problem(1)
+    W, b, C, k_bar, k_bare, v = value_problem(1)
     left, right = rank_one_update(W, b, C, k_bar, v, k_solve=k_bare)
     ours, paper = left @ right.T, _paper_update(W, b, C, k_bar, k_bare, v)
     assert (ours - paper).norm() / paper.norm() < 1e-6
@@ -77,7 +77,7 @@ def test_original_key_mix_is_the_papers_update():
 
 def test_default_mode_solves_at_the_averaged_key():
     # R-ROME (arXiv:2403.07175): the same averaged key in both places, so W' k̄ + b = v*.
-    W, b, C, k_bar, k_bare, v = _problem(2)
+    W, b, C, k_bar, k_bare, v = value_problem(2)
     left, right = rank_one_update(W, b, C, k_bar, v)
     edited = W.double() + left @ right.T
     assert (edited @ k_bar.double() + b.double() - v.double()).norm() / v.norm() < 1e-6
@@ -97,7 +97,7 @@ def test_rome_edit_on_tiny_model(family, tmp_path):
     (name, delta), = result.deltas.items()
     assert delta.rank == 1
     # W' k* = v*: recompute k* and the layer's output after applying the edit
-    prefixes = lmedit.editors._value.context_prefixes(lm, ((5, 3), (10, 2)), seed=0, cache=editor.cache)
+    prefixes = lmedit.editors.steps.value.context_prefixes(lm, ((5, 3), (10, 2)), seed=0, cache=editor.cache)
     k_star = request_keys(lm, 1, [REQUEST], prefixes)[0].to(torch.float32)
     module = lm.arch.block_module(lm.model, 1, "mlp_out")
     first_new = target_ids(lm, "Rome")[0]

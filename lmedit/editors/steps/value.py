@@ -130,7 +130,7 @@ def optimize_value(lm: LM, layer: int, request: EditRequest, prefixes: Sequence[
 
 
 @dataclass
-class _Problem:
+class ValueProblem:
     """The sequences of one request's v* problem inside a batch of several."""
 
     seqs: list[list[int]]     # prefixed prompts + target tokens but the last, then the essence prompt
@@ -142,7 +142,7 @@ class _Problem:
     n_target: int
 
 
-def _problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str) -> _Problem:
+def value_problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str) -> ValueProblem:
     templates = prefixed_templates(request, prefixes)
     t_ids = target_ids(lm, request.target_new)
     seqs, lookups, rows, positions, gold = [], [], [], [], []
@@ -156,7 +156,7 @@ def _problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str
             gold.append(tok)
     seqs.append(prompt_ids(lm, essence.format(request.subject)))
     lookups.append(subject_span(lm, essence, request.subject).last)
-    return _Problem(seqs, lookups, rows, positions, gold, len(templates), len(t_ids))
+    return ValueProblem(seqs, lookups, rows, positions, gold, len(templates), len(t_ids))
 
 
 @torch.no_grad()
@@ -202,7 +202,7 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     every block instead; the answer is the same up to float rounding (tests hold it to 1e-5), only slower.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
-    problems = [_problem(lm, r, prefixes, options.essence_template) for r in requests]
+    problems = [value_problem(lm, r, prefixes, options.essence_template) for r in requests]
     dev = lm.device
     owner, seqs, lookups = [], [], []
     tok_seq, tok_pos, tok_gold, tok_owner, tok_weight = [], [], [], [], []

@@ -3,7 +3,7 @@
 MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer", arXiv:2210.07229, §4.3) edits the MLP
 down-projections of a range of layers R = [l_1 .. L] at once:
   1. z_i = h_L + δ_i: the residual stream after block L at request i's last subject token, optimised so the
-     model says target_new (ROME's v* loss, `_value.optimize_values` at site `resid_out`); for models that
+     model says target_new (ROME's v* loss, `steps.value.optimize_values` at site `resid_out`); for models that
      normalise the MLP output (Gemma 2/3) the layers' own values are optimised instead (`target_mode`),
      each target being the value that layer had in the optimised forward;
   2. for each l in R, ascending, with the updates of earlier layers already applied:
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmedit.config import check_ranges
-from lmedit.editors._value import ValueOptions, ValueResult, optimize_values, prefix_token_bound, prefixed_templates
+from lmedit.editors.steps.value import ValueOptions, ValueResult, optimize_values, prefix_token_bound, prefixed_templates
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.stats import CorpusSpec
@@ -57,7 +57,7 @@ class MassEditConfig(EditorConfig):
     corpus: str = "sampled"                # statistics corpus: sampled | docstrings | file:PATH
     corpus_tokens: int = 5_000             # tokens averaged into C (see RomeConfig.corpus_tokens)
     chunk: int = 16                        # requests per z optimisation batch (bounds memory for big batches)
-    targets: str = "auto"                  # residual (MEMIT's z at the last layer) | values | auto (see _mass.py)
+    targets: str = "auto"                  # residual (MEMIT's z at the last layer) | values | auto (see steps/mass.py)
     batch_size: int = 64                   # sequences per forward when reading keys and values
 
     def __post_init__(self) -> None:
@@ -106,7 +106,7 @@ def _chunks(items: Sequence, size: int) -> list[Sequence]:
 
 
 @torch.no_grad()
-def _at_subject(lm: LM, site: Site, jobs: Sequence[tuple[str, str]], batch_size: int) -> torch.Tensor:
+def at_subject(lm: LM, site: Site, jobs: Sequence[tuple[str, str]], batch_size: int) -> torch.Tensor:
     """Activation at `site` at the subject's last token of each (template, subject) -> (len(jobs), width)."""
     out = []
     for chunk in _chunks(jobs, batch_size):
@@ -122,13 +122,13 @@ def request_keys(lm: LM, layer: int, requests: Sequence[EditRequest], prefixes: 
                  batch_size: int = 64) -> torch.Tensor:
     """k_i: the mean key at the subject's last token over the prefixed prompts, per request -> (n, d_mlp) float64."""
     jobs = [(t, r.subject) for r in requests for t in prefixed_templates(r, prefixes)]
-    keys = _at_subject(lm, Site("mlp.key", layer), jobs, batch_size)
+    keys = at_subject(lm, Site("mlp.key", layer), jobs, batch_size)
     return keys.view(len(requests), len(prefixes), -1).mean(1)
 
 
 def bare_values(lm: LM, site: Site, requests: Sequence[EditRequest], batch_size: int = 64) -> torch.Tensor:
     """The activation at `site` at the subject's last token of each bare prompt -> (n, width) float64."""
-    return _at_subject(lm, site, [(r.prompt, r.subject) for r in requests], batch_size)
+    return at_subject(lm, site, [(r.prompt, r.subject) for r in requests], batch_size)
 
 
 @dataclass(frozen=True)

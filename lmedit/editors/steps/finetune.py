@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors._value import context_prefixes, prefix_token_bound
+from lmedit.editors.steps.value import context_prefixes, prefix_token_bound
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.models.arch import WeightName

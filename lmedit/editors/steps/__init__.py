@@ -1,0 +1,8 @@
+"""The editing steps the weight editors share, public so that editors, benchmarks and the CLI use one copy.
+
+- `value`: context prefixes and the value optimisation (ROME's v*, MEMIT's and AlphaEdit's targets), with
+  only the δ-dependent positions recomputed each step (`lmedit.split_forward`).
+- `mass`: what MEMIT and AlphaEdit share — layer choice, keys at the subject, targets, spreading the residual
+  over layers, the keys of earlier edits to preserve.
+- `finetune`: the training loop of FT and FT-L (teacher-forced batch, norm bound, deltas).
+"""
