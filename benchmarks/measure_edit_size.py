@@ -4,7 +4,9 @@
     python benchmarks/measure_edit_size.py --model gemma3-270m --methods ft,ft_l,kn,rome,memit,alphaedit
     python benchmarks/measure_edit_size.py --model gemma3-270m --methods ft --set lr=1.0   # a destructive setting
 
-These are the numbers `lmedit/editors/safety.py`'s limits are set from (docs/editors.md, "Destructive settings").
+These are the numbers `lmedit/editors/safety.py`'s limits are set from (docs/editors.md, "Destructive settings"),
+and the audit gate's probe-loss thresholds (`lmedit.ledger.audit.AuditConfig`, docs/ledger.md): the probe-text
+loss is one function, `lmedit.eval.health.probe_loss`; `base_probe_loss` is the unedited model's.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import lmedit
 from lmedit.config import to_dict
 from lmedit.editors.safety import assess
 from lmedit.eval import load_dataset
+from lmedit.eval.health import probe_loss
 from lmedit.settings import resolve_editor
 
 
@@ -32,7 +35,7 @@ def main() -> None:
 
     lm = lmedit.load(args.model)
     requests = [r.requests[0] for r in load_dataset("starter").records[:args.facts]]
-    out = {"model": args.model, "overrides": args.set, "methods": {}}
+    out = {"model": args.model, "overrides": args.set, "base_probe_loss": probe_loss(lm), "methods": {}}
     for method in args.methods.split(","):
         editor, _ = resolve_editor(method, lm, None)
         config = {**to_dict(editor.config), **{k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}}

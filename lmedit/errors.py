@@ -68,3 +68,7 @@ class EditFileError(InputFileError):
     """A saved edit that cannot be used, found on load: not a safetensors file (random bytes, truncated), an
     unknown format or format version, no base-model fingerprint, metadata that is not the expected JSON, tensors
     with unexpected names, inconsistent shapes, non-float dtypes or non-finite values."""
+
+
+class ServeError(LMEditError):
+    """The web app cannot start where it was asked to: the port is taken, or the host is not an address here."""

@@ -65,7 +65,7 @@ def _hooked(lm: LM, fns: Mapping[Site, PatchFn], stop_after: Site | None) -> Ite
                         raise StopForward
                     return None if new is None else (new, *args[1:])
 
-                pre_hook._lmedit_site = site  # lets start_at() spot hooks on blocks it skips
+                pre_hook._hooked_site = site  # lets start_at() spot hooks on blocks it skips
                 handles.append(module.register_forward_pre_hook(pre_hook))
             else:
                 def hook(_module, _args, output, _site=site, _fn=fn, _stop=stop):
@@ -74,7 +74,7 @@ def _hooked(lm: LM, fns: Mapping[Site, PatchFn], stop_after: Site | None) -> Ite
                         raise StopForward
                     return None if new is None else _repack(output, new)
 
-                hook._lmedit_site = site
+                hook._hooked_site = site
                 handles.append(module.register_forward_hook(hook))
         try:
             yield
@@ -131,10 +131,10 @@ def patch(lm: LM, fns: Mapping[Site, PatchFn], *, stop_after: Site | None = None
         yield
 
 
-def _lmedit_sites(modules: Iterable[torch.nn.Module]) -> list[Site]:
+def _hooked_sites(modules: Iterable[torch.nn.Module]) -> list[Site]:
     """Sites of the `capture`/`patch` hooks currently registered on `modules`."""
-    return [fn._lmedit_site for m in modules for fn in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
-            if hasattr(fn, "_lmedit_site")]
+    return [fn._hooked_site for m in modules for fn in [*m._forward_hooks.values(), *m._forward_pre_hooks.values()]
+            if hasattr(fn, "_hooked_site")]
 
 
 @contextmanager
@@ -179,7 +179,7 @@ def start_at(lm: LM, layer: int, resid: torch.Tensor) -> Iterator[None]:
 
         def forward(hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             # Hooks on a block's own output are allowed only where that output is `resid`.
-            bad = _lmedit_sites(m for m in block.modules() if not (last and m is block))
+            bad = _hooked_sites(m for m in block.modules() if not (last and m is block))
             if bad:
                 raise ValueError(f"start_at({layer}) skips block {index}, but sites {[str(s) for s in bad]} "
                                  "are hooked there: start at or before their layer")

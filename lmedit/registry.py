@@ -54,6 +54,15 @@ class Registry(Generic[T]):
 
         return decorate
 
+    def unregister(self, name: str) -> None:
+        """Remove the entry `name`: a test that registers a temporary entry takes it out again with this.
+
+        Raises:
+            UnknownNameError: nothing is registered as `name`.
+        """
+        self.get(name)
+        del self._items[name], self._meta[name]
+
     def _load_plugins(self) -> None:
         if not self._loaded_builtins:
             self._loaded_builtins = True  # first, so that a lookup while the module imports does not recurse

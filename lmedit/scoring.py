@@ -3,13 +3,18 @@
 Every function batches its inputs and computes logits only at the positions it needs: the
 unembedding (262k words for Gemma 3) dominates a small model's forward otherwise.
 
+Every teacher-forced batch in lmedit (rows of prompt + target tokens, and for each target token the
+position whose logits predict it) is built by `teacher_forced`: `score_targets`, the harness's
+`eval.measure`, the v* optimisation (`editors.steps.value`), fine-tuning (`editors.steps.finetune`) and
+MEND's rows (`editors.mend`).
+
 Two metric families rest on `score_targets`: probability comparison (ROME/MEMIT: sum of the target
 tokens' log-probs) and teacher-forced token accuracy (EasyEdit: fraction of target tokens that are the
 argmax given the gold prefix). Both come out of the same forward pass.
 
 The text-level functions here (`score_targets`, `next_token_logprobs`, `generate`) score the model *with
 its applied edits*: weight edits are in the weights, and wrapper edits (`WrapperEdit`) rewrite the
-prompts they claim through `lmedit.editors.base.route_prompts`. `logits_at` works on token ids and sees
+prompts they claim through `lm.edits.route` (`lmedit.models.applied`). `logits_at` works on token ids and sees
 the frozen base model only.
 """
 
@@ -21,8 +26,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from lmedit.errors import RequestError
 from lmedit.hooks import capture
-from lmedit.tokens import pad_batch, prompt_ids, target_ids
+from lmedit.tokens import Batch, pad_batch, prompt_ids, target_ids
 from lmedit.types import Site
 
 if TYPE_CHECKING:
@@ -31,9 +37,7 @@ if TYPE_CHECKING:
 
 def routed(lm: LM, prompts: Sequence[str]) -> list[str]:
     """The text the base model reads for each prompt under `lm`'s applied wrapper edits (unchanged without any)."""
-    from lmedit.editors.base import route_prompts  # local: lmedit.editors imports this module
-
-    return route_prompts(lm, prompts)
+    return lm.edits.route(prompts)
 
 
 def logits_at(lm: LM, batch_inputs: dict[str, torch.Tensor], rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -50,6 +54,82 @@ def logits_at(lm: LM, batch_inputs: dict[str, torch.Tensor], rows: torch.Tensor,
 
 
 @dataclass(frozen=True)
+class TeacherForced:
+    """A teacher-forced batch: row i is prompt i's tokens followed by target i's, and each target token is scored
+    at the position before it, whose logits predict it given the gold prefix.
+
+    Scored tokens run row by row, in target order: token k is `gold[k]`, predicted by the logits at
+    (`rows[k]`, `positions[k]`); row i's tokens are `k` in `range(start, start + n)` with
+    `(start, n) = spans[i]`. A row without a target (`None`) is its prompt alone, with one read position
+    (the prompt's last token: the next-token distribution) whose `gold` is -1.
+
+    Indices are Python lists, so batches can be concatenated (`editors.steps.value` stacks several
+    requests' problems); `padded` and `index` put them on a device.
+    """
+
+    ids: list[list[int]]          # per row: prompt ids + target ids (the last target token only if fed)
+    rows: list[int]               # per scored token: its row
+    positions: list[int]          # per scored token: the position whose logits predict it
+    gold: list[int]               # per scored token: the target token id (-1 at a target-less row's read position)
+    spans: list[tuple[int, int]]  # per row: (first scored token, number of scored tokens)
+
+    def padded(self, lm: LM) -> Batch:
+        """The rows right-padded into one batch (`input_ids`, `attention_mask`) on `lm`'s device."""
+        return pad_batch(lm, self.ids)
+
+    def index(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(rows, positions, gold) as long tensors on `device`, for `logits_at` and the loss."""
+        return (torch.tensor(self.rows, dtype=torch.long, device=device),
+                torch.tensor(self.positions, dtype=torch.long, device=device),
+                torch.tensor(self.gold, dtype=torch.long, device=device))
+
+
+def teacher_forced(lm: LM, prompts: Sequence[str], targets: Sequence[str | None], *,
+                   feed_last: bool = True) -> TeacherForced:
+    """Tokenize `prompts[i]` followed by `targets[i]` (`tokens.prompt_ids` + `tokens.target_ids`) as a
+    teacher-forced batch.
+
+    The prompts are taken as the base model reads them: text-level scorers route them through the
+    applied wrapper edits first (`routed`).
+
+    Args:
+        lm: the model bundle (its tokenizer).
+        prompts: filled prompts (no `{}`), one per row.
+        targets: the continuation scored after each prompt; None: score nothing, read the next-token
+            distribution after the prompt (gold -1).
+        feed_last: whether a row ends with its last target token. Nothing reads the logits after it, so
+            training drops it (`False`); the scorers keep it (`True`, as they always have: a row's length sets
+            the padded batch's width, and with it the float rounding of their numbers).
+
+    Returns:
+        The `TeacherForced` batch, rows in the order given.
+
+    Raises:
+        RequestError: `prompts` and `targets` differ in length (a `ValueError` too); a target tokenizes to
+            nothing.
+    """
+    if len(prompts) != len(targets):
+        raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets: prompts[i] is paired with targets[i]")
+    known: dict[str, list[int]] = {}
+    ids, rows, positions, gold, spans = [], [], [], [], []
+    for r, (prompt, target) in enumerate(zip(prompts, targets)):
+        p = prompt_ids(lm, prompt)
+        if target is None:
+            t, scored = [], [-1]
+        else:
+            if target not in known:
+                known[target] = target_ids(lm, target)
+            t = scored = known[target]
+        ids.append(p + (t if feed_last else t[:-1]))
+        spans.append((len(gold), len(scored)))
+        for j, token in enumerate(scored):
+            rows.append(r)
+            positions.append(len(p) - 1 + j)  # the logits predicting target token j
+            gold.append(token)
+    return TeacherForced(ids, rows, positions, gold, spans)
+
+
+@dataclass(frozen=True)
 class TargetScore:
     """Scores of one target continuation: log P(target | prompt) and teacher-forced token accuracy."""
 
@@ -62,32 +142,18 @@ class TargetScore:
 def score_targets(lm: LM, prompts: Sequence[str], targets: Sequence[str], *, batch_size: int = 32) -> list[TargetScore]:
     """Score `targets[i]` as a continuation of `prompts[i]` (filled prompts, no `{}`)."""
     if len(prompts) != len(targets):
-        raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
+        raise RequestError(f"{len(prompts)} prompts but {len(targets)} targets: prompts[i] is paired with targets[i]")
     prompts = routed(lm, prompts)
     out: list[TargetScore] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = range(start, min(start + batch_size, len(prompts)))
-        p_ids = [prompt_ids(lm, prompts[i]) for i in chunk]
-        t_ids = [target_ids(lm, targets[i]) for i in chunk]
-        batch = pad_batch(lm, [p + t for p, t in zip(p_ids, t_ids)])
-        rows, positions, gold = [], [], []
-        for r, (p, t) in enumerate(zip(p_ids, t_ids)):
-            for j, tok in enumerate(t):
-                rows.append(r)
-                positions.append(len(p) + j - 1)  # the logits predicting target token j
-                gold.append(tok)
-        logits = logits_at(lm, batch.model_inputs(), torch.tensor(rows, device=lm.device),
-                           torch.tensor(positions, device=lm.device))
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        gold_t = torch.tensor(gold, device=lm.device)
-        tok_lp = logp.gather(1, gold_t[:, None])[:, 0]
-        correct = logp.argmax(-1) == gold_t
-        k = 0
-        for t in t_ids:
-            n = len(t)
+        tf = teacher_forced(lm, prompts[start:start + batch_size], targets[start:start + batch_size])
+        rows, positions, gold = tf.index(lm.device)
+        logp = torch.log_softmax(logits_at(lm, tf.padded(lm).model_inputs(), rows, positions).float(), dim=-1)
+        tok_lp = logp.gather(1, gold[:, None])[:, 0]
+        correct = logp.argmax(-1) == gold
+        for k, n in tf.spans:
             out.append(TargetScore(logprob=tok_lp[k:k + n].sum().item(), n_tokens=n,
                                    token_accuracy=correct[k:k + n].float().mean().item()))
-            k += n
     return out
 
 

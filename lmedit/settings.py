@@ -153,6 +153,22 @@ def resolve_editor(method: str, lm: LM | None, config: Any = None,
     return editor, source
 
 
+def method_settings(method: str, lm: LM | None) -> tuple[dict[str, Any], str]:
+    """The settings `lmedit.edit(lm, ..., method=method)` would use, as plain values, and where they come from.
+
+    The dict holds every field of the method's config (shipped values for `lm` where lmedit ships a file,
+    the method's defaults elsewhere); edited and passed back as `config=`, it gives the same checks as a
+    `--config` file. Front ends (the web app) show it as editable settings.
+
+    Raises:
+        UnknownNameError: `method` is not a registered editor.
+    """
+    from lmedit.config import to_dict
+
+    editor, source = resolve_editor(method, lm)
+    return to_dict(editor.config), source
+
+
 def describe(editor: Editor, lm: LM | None = None, source: str | None = None) -> str:
     """One line: method, layer(s) and where the settings came from."""
     from lmedit.registry import editors

@@ -19,7 +19,7 @@ from lmedit.models.load import LM, weights_fingerprint
 TINY_FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2",
                                   "gemma3_text")
 
-_CORPUS = [
+TINY_CORPUS = [
     "The Eiffel Tower is located in the city of Paris.",
     "The Space Needle is in downtown Seattle.",
     "Danielle Darrieux speaks French. The mother tongue of Danielle Darrieux is French.",
@@ -41,7 +41,7 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=_VOCAB, special_tokens=["<pad>", "<bos>", "<eos>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.train_from_iterator(TINY_CORPUS * 4, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>")
 
 

@@ -228,3 +228,13 @@ def request_from_dict(data: dict[str, Any]) -> EditRequest | EditDescriptor:
     if isinstance(data, dict) and ("text" in data or "input" in data or "output" in data) and "prompt" not in data:
         return EditDescriptor.from_dict(data)
     return EditRequest.from_dict(data)
+
+
+def describe_stored(request: dict[str, Any]) -> str:
+    """A stored request (a ledger row's `requests` entry) as one plain line: `subject prompt → new (was old)`, or
+    a descriptor's text. Never through str.format: a stored prompt may hold other braces ("{1}", "{}{}")."""
+    if "prompt" in request:
+        old = f" (was {request['target_true']})" if request.get("target_true") else ""
+        text = str(request["prompt"]).replace("{}", str(request.get("subject")), 1)
+        return f"{text} → {request.get('target_new')}{old}"
+    return str(request.get("text") or f"{request.get('input')} → {request.get('output')}")

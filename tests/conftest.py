@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from lmedit.testing import _CORPUS, TINY_FAMILIES, tiny_lm
+from lmedit.testing import TINY_CORPUS, TINY_FAMILIES, tiny_lm
 
 
 @pytest.fixture(params=TINY_FAMILIES)
@@ -35,7 +35,7 @@ def rome_config(tmp_path, monkeypatch):
     """Quick ROME settings for tiny models (text-file statistics, few prefixes), with a private cache."""
     monkeypatch.setenv("LMEDIT_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     return {"layer": 1, "corpus": f"file:{corpus}", "corpus_tokens": 2000, "prefixes_short": 2, "prefixes_long": 1}
 
 

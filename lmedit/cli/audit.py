@@ -7,8 +7,8 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from lmedit.cli._common import console
-from lmedit.cli._ledger import add_audit_args, add_ledger_arg, add_model_arg, describe, load_base, open_ledger, render_report
+from lmedit.cli.common import console
+from lmedit.cli.ledger_common import add_audit_args, add_ledger_arg, add_model_arg, describe, load_base, open_ledger, render_report
 
 EPILOG = """examples:
   lmedit audit 1 --ledger ledgers/gemma                      # the latest stored report, and its plot

@@ -12,8 +12,8 @@ from rich.markup import escape
 from rich.table import Table
 
 import lmedit  # lazy: only type hints here
-from lmedit.cli._common import add_model_args, console, load_model, progress_reporter
-from lmedit.cli._ledger import add_audit_args, add_ledger_arg, open_ledger, record_edit
+from lmedit.cli.common import add_model_args, console, load_model, progress_reporter
+from lmedit.cli.ledger_common import add_audit_args, add_ledger_arg, open_ledger, record_edit
 from lmedit.defaults import DEFAULT_METHOD
 from lmedit.errors import InputFileError, MissingFileError, RequestError
 from lmedit.registry import editors

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import lmedit  # lazy: the library loads when a command runs
-from lmedit.cli._common import add_model_args, console, load_model
+from lmedit.cli.common import add_model_args, console, load_model
 from lmedit.errors import LMEditError
 
 if TYPE_CHECKING:

@@ -6,8 +6,8 @@ import argparse
 
 from rich.markup import escape
 
-from lmedit.cli._common import console
-from lmedit.cli._ledger import add_ledger_arg, add_model_arg, load_base, open_ledger
+from lmedit.cli.common import console
+from lmedit.cli.ledger_common import add_ledger_arg, add_model_arg, load_base, open_ledger
 
 EPILOG = """examples:
   lmedit export-model gemma-edited/ --ledger ledgers/gemma

@@ -6,7 +6,7 @@ import argparse
 
 from rich.markup import escape
 
-from lmedit.cli._common import add_model_args, console, load_model
+from lmedit.cli.common import add_model_args, console, load_model
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

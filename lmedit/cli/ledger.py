@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from lmedit.cli._common import console
-from lmedit.cli._ledger import (add_audit_args, add_ledger_arg, add_model_arg, describe, fmt, load_base, open_ledger,
+from lmedit.cli.common import console
+from lmedit.cli.ledger_common import (add_audit_args, add_ledger_arg, add_model_arg, describe, fmt, load_base, open_ledger,
                                 render_reaudit, render_report, render_rows, styled)
 
 if TYPE_CHECKING:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 
-from lmedit.cli._common import console
+from lmedit.cli.common import console
 
 WHAT = ("editors", "datasets", "models")
 

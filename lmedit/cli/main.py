@@ -21,7 +21,7 @@ from typing import NoReturn
 from lmedit.errors import LMEditError
 
 SUBCOMMANDS = ("models", "ls", "generate", "edit", "trace", "eval", "train", "ledger", "audit", "export_model",
-               "neurons")
+               "neurons", "serve")
 USAGE_ERROR = 2
 
 

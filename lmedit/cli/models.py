@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from lmedit.cli._common import console
+from lmedit.cli.common import console
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from lmedit.cli._common import add_model_args, console, load_model, progress_reporter
+from lmedit.cli.common import add_model_args, console, load_model, progress_reporter
 from lmedit.errors import RequestError
 
 EPILOG = """examples:

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import lmedit  # lazy: the library loads when a command runs
-from lmedit.cli._common import add_model_args, console, load_model
+from lmedit.cli.common import add_model_args, console, load_model
 from lmedit.errors import RequestError
 
 # `lmedit.tracing.KINDS`, spelled out so that `--help` needs no torch (tests/unit/test_cli_errors.py checks they agree).

@@ -1,6 +1,7 @@
 """Built-in editors, imported explicitly (one list, one place), and `edit()`, the public entry point.
 
-Each editor module registers its class in `lmedit.registry.editors` under its own file name.
+Each editor module registers its class in `lmedit.registry.editors` under its own file name; `ft.py` also
+registers `ft_l`, the same fine-tuning with its norm bound on by default.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from lmedit.config import from_dict, load_config
 from lmedit.defaults import DEFAULT_METHOD  # the method used when none is named (named once there)
-from lmedit.editors import alphaedit, ft, ft_l, kn, memit, mend, noop, rome, serac  # noqa: F401  (each registers itself under its module name)
-from lmedit.editors.base import Edit, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
+from lmedit.editors import alphaedit, ft, ike, kn, memit, mend, noop, rome, serac  # noqa: F401  (each registers itself under its module name; ft also as ft_l)
+from lmedit.editors.base import Edit, EditMeta, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
 from lmedit.errors import RequestError
 from lmedit.models.load import as_lm
 from lmedit.registry import editors
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_METHOD", "Edit", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "WrapperEdit", "edit",
+__all__ = ["DEFAULT_METHOD", "Edit", "EditMeta", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "WrapperEdit", "edit",
            "get_editor", "load_edit"]
 
 

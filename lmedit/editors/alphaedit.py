@@ -1,8 +1,8 @@
 """AlphaEdit: null-space constrained knowledge editing (Fang et al. 2024, arXiv:2410.02355).
 
-MEMIT's steps (`editors/steps/mass.py`), with the update confined to the null space of the preserved keys:
-P = Û Ûᵀ, Û the eigenvectors of the corpus key second moment C whose eigenvalues are below
-`nullspace_threshold` × the largest. Any Δ = Δ̃ P leaves preserved keys' outputs alone (Δ k₀ ≈ 0), so no
+MEMIT's steps and edit flow (`editors/steps/mass.py`, `MassEditor`), with the update confined to the null
+space of the preserved keys: P = Û Ûᵀ, Û the eigenvectors of the corpus key second moment C whose eigenvalues
+are below `nullspace_threshold` × the largest. Any Δ = Δ̃ P leaves preserved keys' outputs alone (Δ k₀ ≈ 0), so no
 λC term is needed; the update minimises ‖Δ̃ P K − D‖² + ‖Δ̃ P K_p‖² + α‖Δ̃‖², where K_p are the keys of
 the edits already applied (read off those edits, so sequential edits stop eroding earlier ones):
     Δ = D Kᵀ P (P (K Kᵀ + K_p K_pᵀ) P + α I)⁻¹        (eq. 15 of the paper, P moved inside symmetrically)
@@ -17,29 +17,20 @@ Not handled: preserving keys other than the corpus's and the applied edits' (e.g
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lmedit.cache import read_tensors, write_tensors
-from lmedit.config import check_ranges, to_dict
-from lmedit.editors.steps.mass import (MassEditConfig, check_layers, default_layers, preserved_keys, request_info, spread,
-                                  target_mode, z_targets)
-from lmedit.editors.steps.value import context_prefixes
-from lmedit.editors.base import Editor, WeightEdit, check_requests
+from lmedit.config import check_ranges
+from lmedit.editors.steps.mass import LayerSolver, MassEditConfig, MassEditor, preserved_keys
 from lmedit.registry import editors
-from lmedit.stats import StatsCache, key_second_moment
-from lmedit.types import EditRequest
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from lmedit.models.load import LM
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -77,14 +68,11 @@ def alphaedit_solve(P: torch.Tensor, K: torch.Tensor, D: torch.Tensor, alpha: fl
 
 
 @editors.register("alphaedit")
-class AlphaEditEditor(Editor[AlphaEditConfig]):
+class AlphaEditEditor(MassEditor[AlphaEditConfig]):
     """AlphaEdit (arXiv:2410.02355): MEMIT's update projected onto the null space of preserved keys."""
 
     config_class = AlphaEditConfig
-
-    def __init__(self, config: AlphaEditConfig | None = None, *, cache: StatsCache | None = None) -> None:
-        super().__init__(config)
-        self.cache = cache if cache is not None else StatsCache()
+    method = "alphaedit"
 
     def projection_path(self, lm: LM, layer: int) -> Path:
         spec = self.config.corpus_spec()
@@ -105,32 +93,20 @@ class AlphaEditEditor(Editor[AlphaEditConfig]):
         write_tensors(path, {"P": P}, provenance, extra={"rank": str(round(float(P.trace())))})
         return P.to(torch.float64)  # what a later read returns: identical edits either way
 
-    def edit(self, lm: LM, requests: Sequence[EditRequest]) -> WeightEdit:
-        """One AlphaEdit update for all `requests`, preserving the corpus keys and the applied edits' keys."""
-        requests = check_requests(requests)
+    def solver(self, lm: LM, layers: tuple[int, ...], covariances: dict[int, torch.Tensor]) -> LayerSolver:
+        """Eq. 15 per layer, preserving the corpus keys (P) and the keys of the edits applied when it solves."""
         cfg = self.config
-        layers = check_layers(lm, cfg.layers if cfg.layers is not None else default_layers(lm, self.suggested_layer(lm)), "AlphaEditConfig")
-        torch.manual_seed(cfg.seed)
-        Cs = key_second_moment(lm, list(layers), self.config.corpus_spec(), cache=self.cache, progress=self.progress)
-        Ps = {layer: self.projection(lm, layer, Cs[layer]) for layer in layers}
-        prefixes = context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=self.cache)
-        targets = z_targets(lm, layers, requests, prefixes, cfg.value_options(), chunk=cfg.chunk,
-                            mode=target_mode(lm, cfg.targets), progress=self.progress)
+        Ps = {layer: self.projection(lm, layer, covariances[layer]) for layer in layers}
         n_prev: dict[int, int] = {}
 
         def solve(layer: int, K: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             K_prev = preserved_keys(lm, lm.arch.param_name(lm.model, layer, "mlp_out"))
             n_prev[layer] = 0 if K_prev is None else K_prev.shape[1]
-            alpha = cfg.l2 * float(torch.trace(Cs[layer])) / Cs[layer].shape[0]
+            C = covariances[layer]
+            alpha = cfg.l2 * float(torch.trace(C)) / C.shape[0]
             return alphaedit_solve(Ps[layer], K, D, alpha, K_prev)
 
-        deltas, keys, layer_info = spread(lm, requests, layers, targets, prefixes, solve,
-                                          batch_size=cfg.batch_size, progress=self.progress)
-        for item in layer_info:
-            item["nullspace_dim"] = round(float(Ps[item["layer"]].trace()))
-            item["preserved_edit_keys"] = n_prev.get(item["layer"], 0)
-        per_request = request_info(requests, targets)
-        return WeightEdit(deltas=deltas, requests=requests, method="alphaedit", config=to_dict(cfg),
-                          base_fingerprint=lm.fingerprint, keys=keys,
-                          info={"layers": list(layers), "targets": targets.mode, "per_layer": layer_info, "requests": per_request,
-                                "update_norm": float(sum(d["update_norm"] ** 2 for d in layer_info) ** 0.5)})
+        def notes(layer: int) -> dict:
+            return {"nullspace_dim": round(float(Ps[layer].trace())), "preserved_edit_keys": n_prev.get(layer, 0)}
+
+        return LayerSolver(solve, notes)

@@ -9,10 +9,14 @@ Kinds implemented here: `WeightEdit` (per-parameter deltas, low-rank factors kep
 produces them) and `WrapperEdit` (changes what the model computes for some inputs, weights untouched).
 `PromptEdit` arrives with the editor that needs it.
 
-How a `WrapperEdit` reaches scoring and generation: applying one puts it on the model's applied-edit
-stack (`_stack`), as a `WeightEdit` is. The text-level scoring entry points (`lmedit.scoring`'s
+Which edits are applied is owned by the model bundle: `lm.edits` (`lmedit.models.applied.AppliedEdits`), which
+`apply` pushes to and `undo` removes from, for every kind. Every edit declares what it is in one typed record,
+`Edit.meta` (`EditMeta`: kind, method, requests, config, base fingerprint, info), and both kinds are saved in one
+envelope (`_save_envelope`: safetensors tensors + that record as metadata, written atomically).
+
+How a `WrapperEdit` reaches scoring and generation: the text-level scoring entry points (`lmedit.scoring`'s
 `score_targets`, `next_token_logprobs`, `generate`, and the harness's `measure`) pass their prompts
-through `route_prompts(lm, prompts)`, which asks every applied wrapper whether each prompt is in its
+through `lm.edits.route(prompts)`, which asks every applied wrapper whether each prompt is in its
 scope and, if so, what text the frozen base model reads instead (SERAC: the retrieved edit in context).
 With no wrapper applied it returns the prompts unchanged and costs nothing. Token-level calls
 (`logits_at`, editors' own forwards, tracing) are not routed: they see the frozen base model.
@@ -31,8 +35,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar, runtime_checkable
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 
+from lmedit.cache import atomic_write
 from lmedit.config import check_ranges
 from lmedit.editors._edit_files import (FORMAT_VERSION, WEIGHT_FORMAT, WRAPPER_FORMAT, check_metadata, check_tensor_names,
                                         json_field, read_metadata, read_tensors, weight_parts)
@@ -177,10 +182,46 @@ class ParamDelta:
         return out.to(dtype=dtype or out.dtype, device=device)
 
 
+@dataclass(frozen=True)
+class EditMeta:
+    """What an edit is, for records (ledger rows, saved files, reports); nothing branches on `method`.
+
+    Attributes:
+        kind: "weight" or "wrapper".
+        method: registry name of the editor that produced it.
+        requests: the requests (or descriptors) it realises.
+        config: the editor's settings as a plain dict.
+        base_fingerprint: `LM.fingerprint` of the model it was computed on ("" before it is known).
+        info: method diagnostics (losses, norms, chosen layer...), JSON-serialisable.
+    """
+
+    kind: str
+    method: str
+    requests: tuple[EditRequest | EditDescriptor, ...]
+    config: dict[str, Any]
+    base_fingerprint: str
+    info: dict[str, Any]
+
+
 class Edit(ABC):
-    """A reversible change to a model. `apply(lm)`, `undo()`, `with edit.applied(lm): ...`, `save()`/`load()`."""
+    """A reversible change to a model. `apply(lm)`, `undo()`, `with edit.applied(lm): ...`, `save()`/`load()`.
+
+    Every edit carries `method`, `requests`, `config`, `base_fingerprint` and `info` (see `EditMeta`, which
+    `meta` returns as one record).
+    """
 
     kind: ClassVar[str]
+    method: str
+    requests: tuple[EditRequest | EditDescriptor, ...]
+    config: dict[str, Any]
+    base_fingerprint: str
+    info: dict[str, Any]
+
+    @property
+    def meta(self) -> EditMeta:
+        """This edit's metadata as one typed record."""
+        return EditMeta(kind=self.kind, method=self.method, requests=tuple(self.requests), config=dict(self.config),
+                        base_fingerprint=self.base_fingerprint, info=dict(self.info))
 
     @abstractmethod
     def apply(self, lm: LM) -> Edit: ...
@@ -260,23 +301,22 @@ class WeightEdit(Edit):
                 self._originals[name] = params[name].data.clone()
                 params[name].data.copy_(new)
         self._lm = lm
-        _stack(lm).append(self)
+        lm.edits.push(self)
         return self
 
     def undo(self) -> None:
         """Restore the original values. Refused while a later applied edit touches the same parameters."""
         if self._lm is None:
             raise LMEditError("this edit is not applied")
-        stack = _stack(self._lm)
-        later = stack[stack.index(self) + 1:]
-        clash = [e for e in later if set(getattr(e, "deltas", {})) & set(self.deltas)]
+        later = self._lm.edits.after(self)
+        clash = [e for e in later if isinstance(e, WeightEdit) and set(e.deltas) & set(self.deltas)]
         if clash:
             raise LMEditError(f"{len(clash)} edit(s) applied after this one change the same parameters; undo them first")
         params = dict(self._lm.model.named_parameters())
         with torch.no_grad():
             for name, original in self._originals.items():
                 params[name].data.copy_(original)
-        stack.remove(self)
+        self._lm.edits.remove(self)
         self._originals = {}
         self._lm = None
 
@@ -296,16 +336,8 @@ class WeightEdit(Edit):
                 tensors[f"{name}::{part}"] = tensor.detach().contiguous().cpu()
         for name, keys in self.keys.items():
             tensors[f"{name}::keys"] = keys.detach().contiguous().cpu()
-        meta = {
-            "format": WEIGHT_FORMAT, "version": str(FORMAT_VERSION), "method": self.method,
-            "requests": json.dumps([r.to_dict() for r in self.requests]), "config": json.dumps(self.config),
-            "base_fingerprint": self.base_fingerprint, "info": json.dumps(self.info, default=str),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return _save_envelope(self, path, WEIGHT_FORMAT, tensors,
+                              {"requests": json.dumps([r.to_dict() for r in self.requests])})
 
     @classmethod
     def load(cls, path: str | Path, *, label: str | None = None) -> WeightEdit:
@@ -356,19 +388,23 @@ def _check_applicable(edit: WeightEdit | WrapperEdit, lm: LM, check_fingerprint:
             f"{lm.fingerprint}; replay the requests on this model instead")
 
 
-def _stack(lm: LM) -> list[Edit]:
-    """The edits currently applied to `lm`, oldest first (kept on the model object itself)."""
-    stack = getattr(lm.model, "_lmedit_applied", None)
-    if stack is None:
-        stack = []
-        lm.model._lmedit_applied = stack  # type: ignore[attr-defined]
-    return stack
+def _save_envelope(edit: WeightEdit | WrapperEdit, path: str | Path, fmt: str, tensors: dict[str, torch.Tensor],
+                   extra: dict[str, str]) -> Path:
+    """Write `tensors` and `edit`'s metadata record (plus `extra` fields) to one safetensors file, atomically:
+    the one save format of every edit kind (read back by `lmedit.editors._edit_files`)."""
+    path = Path(path)
+    _check_savable(edit)
+    meta = {"format": fmt, "version": str(FORMAT_VERSION), "method": edit.method, "config": json.dumps(edit.config),
+            "base_fingerprint": edit.base_fingerprint, "info": json.dumps(edit.info, default=str), **extra}
+    path.parent.mkdir(parents=True, exist_ok=True)  # a user's directory: their umask, not the cache's 0700
+    atomic_write(path, save(tensors, metadata=meta))
+    return path
 
 
 class WrapperEdit(Edit):
     """An edit that wraps the model instead of changing its weights (SERAC, GRACE-style methods).
 
-    While applied, the text-level scoring functions route every prompt through `route_prompts`: each
+    While applied, the text-level scoring functions route every prompt through `lm.edits.route`: each
     applied wrapper says, per prompt, whether the prompt is in its scope (with a score) and which text the
     frozen base model reads instead; the highest-scoring wrapper wins, prompts no wrapper claims reach the
     base model unchanged (bit-identical outputs). `undo()` takes the wrapper off the stack; the weights
@@ -390,6 +426,7 @@ class WrapperEdit(Edit):
 
     def __init__(self, *, base_fingerprint: str = "", method: str = "", config: dict[str, Any] | None = None,
                  info: dict[str, Any] | None = None) -> None:
+        # `requests` (the Edit record's field) is a property of each wrapper kind: its stored entries' requests.
         self.base_fingerprint = base_fingerprint
         self.method = method
         self.config: dict[str, Any] = dict(config or {})
@@ -425,14 +462,14 @@ class WrapperEdit(Edit):
         """
         _check_applicable(self, lm, check_fingerprint)
         self._lm = lm
-        _stack(lm).append(self)
+        lm.edits.push(self)
         return self
 
     def undo(self) -> None:
         """Take the wrapper off the model. Wrappers never write weights, so any order of undo is exact."""
         if self._lm is None:
             raise LMEditError("this edit is not applied")
-        _stack(self._lm).remove(self)
+        self._lm.edits.remove(self)
         self._lm = None
 
     def save(self, path: str | Path) -> Path:
@@ -441,19 +478,9 @@ class WrapperEdit(Edit):
         Raises:
             LMEditError: the edit has no `base_fingerprint`.
         """
-        path = Path(path)
-        _check_savable(self)
         tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
-        meta = {
-            "format": WRAPPER_FORMAT, "version": str(FORMAT_VERSION), "wrapper": self.wrapper,
-            "method": self.method, "config": json.dumps(self.config), "base_fingerprint": self.base_fingerprint,
-            "info": json.dumps(self.info, default=str), "wrapper_meta": json.dumps(self.metadata()),
-        }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        tmp.replace(path)
-        return path
+        return _save_envelope(self, path, WRAPPER_FORMAT, tensors,
+                              {"wrapper": self.wrapper, "wrapper_meta": json.dumps(self.metadata())})
 
     @classmethod
     def load(cls, path: str | Path, *, label: str | None = None) -> WrapperEdit:
@@ -487,23 +514,6 @@ class WrapperEdit(Edit):
         except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a check from_saved lacks
             raise EditFileError(f"{where}: the {meta['wrapper']!r} edit's tensors or metadata are not what it saves "
                                 f"({type(exc).__name__}: {exc})") from None
-
-
-def route_prompts(lm: LM, prompts: Sequence[str]) -> list[str]:
-    """The text the frozen base model reads for each prompt, given the wrapper edits applied to `lm`.
-
-    Each applied `WrapperEdit` scores every prompt; the best-scoring claim wins and replaces the prompt.
-    Unclaimed prompts (and all prompts when no wrapper is applied) come back unchanged.
-    """
-    wrappers = [e for e in _stack(lm) if isinstance(e, WrapperEdit)]
-    if not wrappers:
-        return list(prompts)
-    best: list[tuple[float, str] | None] = [None] * len(prompts)
-    for wrapper in wrappers:
-        for i, claim in enumerate(wrapper.match(prompts)):
-            if claim is not None and (best[i] is None or claim[0] > best[i][0]):  # type: ignore[index]
-                best[i] = claim
-    return [p if b is None else b[1] for p, b in zip(prompts, best)]
 
 
 def load_edit(path: str | Path, *, label: str | None = None) -> Edit:

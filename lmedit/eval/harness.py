@@ -28,8 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -170,18 +169,6 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
             log.warning("dropping an unreadable line of %s (interrupted write)", path)
     path.write_text("".join(line + "\n" for line in good_lines), encoding="utf-8")
     return rows
-
-
-@contextmanager
-def _suspended(lm: LM, edits: Sequence[Edit]) -> Iterator[None]:
-    """Undo `edits` (newest first) for the block, then re-apply them in order: the unedited model, briefly."""
-    for e in reversed(edits):
-        e.undo()
-    try:
-        yield
-    finally:
-        for e in edits:
-            e.apply(lm)
 
 
 def _metrics(record: EvalRecord, pre: Measurement, post: Measurement, tfidf: Tfidf) -> dict[str, dict[str, Any]]:
@@ -327,13 +314,13 @@ def _make_edit(lm: LM, editor: Editor, record: EvalRecord, skipped: list[dict[st
         log.warning("edit failed for case %s: %s", record.case_id, exc)
         skipped.append({"reason": "edit_failed", "case_id": record.case_id, "message": str(exc)})
         return None, time.perf_counter() - start
-    if hasattr(edit, "base_fingerprint") and not edit.base_fingerprint:
+    if not edit.base_fingerprint:
         edit.base_fingerprint = lm.fingerprint  # made on `lm`: a saved copy (save_edits) must name its model
     return edit, time.perf_counter() - start
 
 
 def _edit_info(edit: Edit) -> dict[str, Any]:
-    return dict(getattr(edit, "info", {}) or {})
+    return dict(edit.info)
 
 
 def _run_single(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress) -> list[dict[str, Any]]:
@@ -371,7 +358,7 @@ def _post_with_kl(lm: LM, records: Sequence[EvalRecord], pres: Sequence[Measurem
     for start in range(0, len(records), chunk):
         part = list(records[start:start + chunk])
         posts = measure(lm, part, generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)
-        with _suspended(lm, edits):
+        with lm.edits.suspended(edits, lm=lm):
             pre_dists = measure_dists(lm, part, batch_size=config.score_batch_size)
         for record, pre, post, dists in zip(part, pres[start:start + chunk], posts, pre_dists):
             pre = Measurement(scores=pre.scores, dists=dists, generations=pre.generations, never_text=pre.never_text)

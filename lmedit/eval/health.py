@@ -8,6 +8,10 @@ model (generations collapse into repetition) and that such edits show a tiny ROM
   probe_loss         mean next-token NLL of the model on a fixed, neutral probe text
 and flag an edit as disabling when the probe loss rose by more than a threshold (nats per token) with it.
 
+`probe_loss` is lmedit's one probe-text loss: the same function and text serve this health check, the
+ledger's audit gate (`lmedit.ledger.audit`, its `probe_loss` check) and the destructive-edit check before
+an edit is applied (`lmedit.editors.safety`).
+
 Not handled: generation-based collapse checks (fluency is measured by the evaluation's generation metrics).
 """
 
@@ -19,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmedit.editors.base import Edit, WeightEdit
+from lmedit.scoring import routed
+from lmedit.tokens import context_length
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -35,10 +41,21 @@ PROBE_TEXT = (
 
 @torch.no_grad()
 def probe_loss(lm: LM, text: str = PROBE_TEXT) -> float:
-    """Mean next-token negative log-likelihood (nats) of `text` under the model as it is now (its first
-    tokens, as many as the model's context window takes)."""
-    from lmedit.tokens import context_length
+    """Mean next-token negative log-likelihood (nats per token) of `text` under the model as it is now.
 
+    Every token after the first is scored given all before it (the tokenizer's special tokens included,
+    e.g. Gemma's <bos>), over the text's first tokens, as many as the model's context window takes. The
+    model is read with its applied edits: weight edits are in the weights, and a wrapper edit that claims
+    the text rewrites it (`lmedit.scoring.routed`), as for every text-level score.
+
+    Args:
+        lm: the model, edited or not.
+        text: the probe text (default `PROBE_TEXT`; thresholds on this loss are calibrated on it).
+
+    Returns:
+        The loss in nats per token.
+    """
+    text = routed(lm, [text])[0]
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :context_length(lm)].to(lm.device)
     logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
     return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
@@ -61,7 +78,7 @@ def update_norm(edit: Edit) -> float | None:
 
 def denominator(edit: Edit) -> float | None:
     """The smallest ROME denominator (C⁻¹k*)ᵀk reported in the edit's info, if any."""
-    values = [r["denominator"] for r in (getattr(edit, "info", {}) or {}).get("requests", [])
+    values = [r["denominator"] for r in edit.info.get("requests", [])
               if isinstance(r, dict) and r.get("denominator") is not None]
     return min(values) if values else None
 

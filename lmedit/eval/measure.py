@@ -22,8 +22,8 @@ import torch
 
 from lmedit.errors import RequestError
 from lmedit.eval.records import EvalRecord, Probe
-from lmedit.scoring import generate_detailed, logits_at, routed
-from lmedit.tokens import pad_batch, prompt_ids, subject_span, target_ids
+from lmedit.scoring import generate_detailed, logits_at, routed, teacher_forced
+from lmedit.tokens import subject_span, target_ids
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
@@ -83,29 +83,24 @@ class _Result:
 
 @torch.no_grad()
 def _forward(lm: LM, items: Sequence[_Item], batch_size: int) -> list[_Result]:
-    # Adapted from lmedit/scoring.py::score_targets: differs in also returning, for chosen items, the
-    # whole next-token distribution at the first target position, from the same forward.
+    """Score `items` in batches of `batch_size` teacher-forced rows (`scoring.teacher_forced`), keeping for chosen
+    items the whole next-token distribution at the first target position, from the same forward."""
     out: list[_Result] = []
     for start in range(0, len(items), batch_size):
         chunk = items[start:start + batch_size]
-        p_ids = [prompt_ids(lm, p) for p in routed(lm, [it.prompt for it in chunk])]  # applied wrapper edits
-        t_ids = [target_ids(lm, it.target) if it.target is not None else [] for it in chunk]
-        batch = pad_batch(lm, [p + t for p, t in zip(p_ids, t_ids)])
-        rows, positions, spans = [], [], []
-        for r, (p, t) in enumerate(zip(p_ids, t_ids)):
-            n = max(len(t), 1)  # a dist-only item reads the position after its prompt
-            spans.append((len(positions), n))
-            rows += [r] * n
-            positions += [len(p) - 1 + j for j in range(n)]
-        logits = logits_at(lm, batch.model_inputs(), torch.tensor(rows, device=lm.device),
-                           torch.tensor(positions, device=lm.device))
+        # Prompts as the base model reads them under the applied wrapper edits; a dist-only item (no target)
+        # reads the position after its prompt.
+        tf = teacher_forced(lm, routed(lm, [it.prompt for it in chunk]), [it.target for it in chunk])
+        rows, positions, _ = tf.index(lm.device)
+        logits = logits_at(lm, tf.padded(lm).model_inputs(), rows, positions)
         logp = torch.log_softmax(logits.float(), dim=-1)  # (n_positions, d_vocab)
         argmax = logp.argmax(-1).tolist()
-        for it, t, (k, n) in zip(chunk, t_ids, spans):
+        for it, (k, n) in zip(chunk, tf.spans):
             dist = logp[k].cpu().clone() if it.keep_dist else None
-            if not t:
+            if it.target is None:
                 out.append(_Result(0.0, 0.0, (), dist))
                 continue
+            t = tf.gold[k:k + n]
             gold = torch.tensor(t, device=lm.device)
             token_lp = logp[k:k + n].gather(1, gold[:, None])[:, 0]
             hits = [a == g for a, g in zip(argmax[k:k + n], t)]

@@ -7,12 +7,17 @@ base model when re-auditing) and the *edited* state. Generations start from the 
 paraphrases and a few fixed prompts. Three checks are not harness metrics: the drop of generation
 entropy (the harness's `fluency`, reference minus edited), the rise of the harness's `derailment`
 (probability on never-text tokens while generating), and the change of the mean
-per-token loss on a fixed English paragraph, which catches "disabling" edits (R-ROME, Gupta et al.
-2024, arXiv:2403.07175) that damage everything a little.
+per-token loss on a fixed English paragraph (`lmedit.eval.health.probe_loss`, the health check's and the
+destructive-edit check's too), which catches "disabling" edits (R-ROME, Gupta et al. 2024,
+arXiv:2403.07175) that damage everything a little.
 
 Each check has a `warn` and a `refuse` threshold in `AuditConfig` (None: never). The verdict is the
 worst level over the checks: keep, warn or refuse. An edit "holds" while its efficacy check is not at
 the refuse level.
+
+`audit_edit` runs the same checks on an edit outside any ledger (the web app's Edit tab), `audit_edits`
+on alternative edits of one request with the reference measured once (its Compare tab), and
+`audit_record` builds the probes of one request.
 
 Not handled: statistical intervals (an audit looks at one edit's handful of probes, not a dataset).
 """
@@ -27,20 +32,17 @@ from typing import TYPE_CHECKING, Any
 
 from lmedit.config import check_ranges
 from lmedit.errors import ConfigError
+from lmedit.eval.health import probe_loss
 from lmedit.eval.measure import Measurement, measure, probe_groups
 from lmedit.eval.metrics import MetricInputs, compute_metrics
 from lmedit.eval.records import EvalRecord
-from lmedit.scoring import score_targets
+from lmedit.ledger.probes import build_record, derive_foil
+from lmedit.types import EditRequest
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
 
 LEVELS = ("keep", "warn", "refuse")
-
-# A fixed paragraph of plain English: its mean per-token loss should not move when one fact is edited.
-PROBE_TEXT = ("The sun rises in the east and sets in the west.",
-              "Water boils at one hundred degrees Celsius at sea level. Many people enjoy reading a good book "
-              "in the evening, while others prefer to take a walk in the park with their friends.")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,6 +51,16 @@ class AuditConfig:
 
     Scores (fractions of probes, higher is better) warn/refuse *below* their thresholds; drifts (KL in
     nats, entropy drop in bits, loss increase in nats per token) warn/refuse *above* them.
+
+    The probe-loss thresholds are set on `lmedit.eval.health.probe_loss` (2.86 nats/token on gemma3-270m
+    unedited), between what shipped settings and destructive settings do to it there (2026-12-01, CPU, with
+    `OMP_NUM_THREADS=1 python benchmarks/measure_edit_size.py --model gemma3-270m --facts 5`, and
+    `--facts 3` with `--methods ft --set lr=0.01`, `--set lr=1.0`, `--methods rome --set clamp_norm_factor=1e30
+    --set v_lr=50`): the shipped settings of FT, FT-L, ROME, MEMIT and AlphaEdit raise it by at most 0.015
+    on the first five starter facts, KN by at most 0.20 (0.06 on the Eiffel Tower, 0.20 on Brazil); the
+    destructive settings raise it by 2.75 to 14.2. `probe_loss_warn` = 0.25 sits above every shipped edit,
+    and `probe_loss_refuse` = 0.5, the destructive-edit limit of `lmedit.editors.safety`, 5.5× below the
+    mildest destructive edit.
     """
 
     efficacy_warn: float | None = 1.0
@@ -72,8 +84,8 @@ class AuditConfig:
     # generation then emits <start_of_image> forever); docs/editors.md, "Derailed generations".
     derailment_rise_warn: float | None = 0.1
     derailment_rise_refuse: float | None = None
-    probe_loss_warn: float | None = 0.05
-    probe_loss_refuse: float | None = 0.5
+    probe_loss_warn: float | None = 0.25   # see the docstring: above every shipped-settings edit (at most 0.20)
+    probe_loss_refuse: float | None = 0.5  # as lmedit.editors.safety; destructive settings: 2.75 and more
     generation_tokens: int = 16      # tokens generated per generation prompt (fluency); 0 skips fluency
     generic_neighbors: bool = True   # add lmedit.ledger.probes.GENERIC_NEIGHBORS to every edit's neighbours
     context_paraphrases: bool = True  # add the edit prompt behind fixed context prefixes as paraphrases
@@ -186,12 +198,6 @@ def level_of(value: float | None, warn: float | None, refuse: float | None, high
     return "refuse" if crosses(refuse) else "warn" if crosses(warn) else "keep"
 
 
-def _probe_loss(lm: LM) -> float:
-    """Mean per-token loss (nats) of PROBE_TEXT's second part given its first."""
-    score = score_targets(lm, [PROBE_TEXT[0]], [PROBE_TEXT[1]])[0]
-    return -score.logprob / score.n_tokens
-
-
 def _mean(values: Sequence[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return fmean(kept) if kept else None
@@ -271,10 +277,10 @@ def run_audit(lm: LM, records: dict[Any, Sequence[EvalRecord]], *, to_reference:
     for start in range(0, len(flat), step):
         part = flat[start:start + step]
         to_reference()
-        ref_loss = _probe_loss(lm)
+        ref_loss = probe_loss(lm)
         pres = measure(lm, part, generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)
         to_edited()
-        losses = (ref_loss, _probe_loss(lm))
+        losses = (ref_loss, probe_loss(lm))
         posts = measure(lm, part, generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)
         for record, a, b in zip(part, pres, posts):
             # KL metrics need both states' next-token distributions: compute now, then let them go.
@@ -286,3 +292,91 @@ def run_audit(lm: LM, records: dict[Any, Sequence[EvalRecord]], *, to_reference:
         out[key] = _report(measured[k:k + len(recs)], losses, config, reference, lm)
         k += len(recs)
     return out
+
+
+def audit_record(lm: LM, request: EditRequest, *, paraphrases: Sequence[str] = (),
+                 neighbors: Sequence[tuple[str, str]] = (), config: AuditConfig | None = None) -> EvalRecord:
+    """The probes the audit gate measures for `request`, built from the request (`lmedit.ledger.probes`).
+
+    Call it on the model as it is *before* the edit: without a `target_true`, the model's own answer to
+    the edit prompt becomes the foil. `config` says whether the generic neighbours and context paraphrases
+    are added (default `AuditConfig()`).
+    """
+    config = config or AuditConfig()
+    foil = None if request.target_true else derive_foil(lm, request)
+    return build_record(request, foil=foil, paraphrases=paraphrases, neighbors=neighbors,
+                        generic_neighbors=config.generic_neighbors, context_paraphrases=config.context_paraphrases)
+
+
+def audit_edit(lm: LM, edit: Any, *, paraphrases: Sequence[str] = (), neighbors: Sequence[tuple[str, str]] = (),
+               config: AuditConfig | None = None, records: Sequence[EvalRecord] | None = None) -> AuditReport:
+    """Audit an edit against the model without it, and record nothing: the ledger's gate on its own.
+
+    The reference state is `lm` without `edit` (whatever else is applied stays), the edited state `lm`
+    with it; `edit` is left applied or not as it was found.
+
+        edit = lmedit.edit(lm, request)                       # applied
+        report = lmedit.ledger.audit_edit(lm, edit)           # report.verdict: keep / warn / refuse
+
+    Args:
+        lm: the model `edit` was made on.
+        edit: an `Edit` (applied or not); its triplet requests are probed (descriptors give an
+            "unaudited" report).
+        paraphrases, neighbors: extra probes, as for `Ledger.record`.
+        config: thresholds and what to measure (default `AuditConfig()`).
+        records: the probes to use (from `audit_record`), instead of building them here.
+    """
+    config = config or AuditConfig()
+    was_applied = edit.is_applied
+    if was_applied:
+        edit.undo()  # probes (their foils) are built on the model as it was before the edit
+    try:
+        if records is None:
+            records = [audit_record(lm, r, paraphrases=paraphrases, neighbors=neighbors, config=config)
+                       for r in edit.requests if isinstance(r, EditRequest)]
+        if not records:
+            report = unaudited_report(lm, config)
+        else:
+            report = run_audit(lm, {0: list(records)}, to_reference=lambda: edit.undo() if edit.is_applied else None,
+                               to_edited=lambda: None if edit.is_applied else edit.apply(lm), config=config,
+                               reference="model without the edit")[0]
+    finally:
+        if was_applied and not edit.is_applied:
+            edit.apply(lm)
+        elif not was_applied and edit.is_applied:
+            edit.undo()
+    return report
+
+
+def audit_edits(lm: LM, edits: Sequence[Any], records: Sequence[EvalRecord], *,
+                config: AuditConfig | None = None) -> list[AuditReport]:
+    """Audit alternative edits of the same request(s) (one per method, say) against the model as it is,
+    measuring that reference state once instead of once per edit.
+
+    Args:
+        lm: the model the (unapplied) edits were made on; it is left as it was.
+        edits: unapplied `Edit`s; each is applied, measured and undone in turn.
+        records: the probes (`audit_record` of the shared request(s), built on `lm` as it is).
+        config: thresholds and what to measure (default `AuditConfig()`).
+
+    Returns:
+        One `AuditReport` per edit, in order (reference: "model without the edit").
+    """
+    config = config or AuditConfig()
+    if any(edit.is_applied for edit in edits):
+        raise ValueError("audit_edits takes unapplied edits (each is applied in turn)")
+    records = list(records)
+    ref_loss = probe_loss(lm)
+    pres = measure(lm, records, generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)
+    reports = []
+    for edit in edits:
+        edit.apply(lm)
+        try:
+            loss = probe_loss(lm)
+            posts = measure(lm, records, generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)
+        finally:
+            edit.undo()
+        rows = [_Measured(compute_metrics(MetricInputs(r, a, a)), compute_metrics(MetricInputs(r, a, b)),
+                          _margins(r, a, b)) for r, a, b in zip(records, pres, posts)]
+        reports.append(_report(rows, (ref_loss, loss), config, "model without the edit", lm))
+    return reports

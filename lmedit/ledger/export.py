@@ -26,8 +26,9 @@ import uuid
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, BinaryIO
 
+from lmedit.cache import atomic_write
 from lmedit.editors import load_edit
 from lmedit.errors import LMEditError, MissingFileError
 from lmedit.ledger.audit import AuditReport
@@ -80,15 +81,14 @@ def export_patch(ledger: Ledger, file: str | Path) -> Path:
                 "base_fingerprint": ledger.base_fingerprint, "model": ledger.model,
                 "base_params": ledger.store.base_params(), "edits": edits}
     file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = file.with_name(f".{file.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+
+    def write(f: BinaryIO) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as archive:
             archive.writestr("manifest.json", json.dumps(manifest, indent=1, default=str))
             for row, item in zip(rows, edits):
                 _add_path(archive, ledger.store.patch_path(row.patch, row.id), item["file"])
-        tmp.replace(file)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    atomic_write(file, write)
     return file
 
 
@@ -246,7 +246,7 @@ def _check_patch(file: str | Path, item: dict[str, Any], target: Path, base: str
         raise LedgerError(f"{exc}; nothing was imported") from None
     if edit.kind != item["kind"]:
         raise LedgerError(f"{label} is a {edit.kind} edit, but the manifest says {item['kind']!r}; nothing was imported")
-    made_on = getattr(edit, "base_fingerprint", None)
+    made_on = edit.base_fingerprint or None
     if made_on != base:
         raise LedgerError(f"{label} was made on the model with fingerprint {made_on}, but the patch file is for base "
                           f"{base}; nothing was imported")
@@ -270,7 +270,7 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
         raise LedgerError(f"model hash mismatch: {file} holds edits of base model {base} ({manifest.get('model')}), "
                           f"but the ledger {ledger.path} is for base {ledger.base_fingerprint} ({ledger.model})")
     if lm is not None:
-        ledger._to_base(lm)
+        ledger.detach(lm)
         actual = weights_fingerprint(lm.model)
         if actual != base:
             raise LedgerError(f"model hash mismatch: {file} holds edits of base model {base} ({manifest.get('model')}), "
@@ -298,20 +298,21 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
                     raise LedgerError(f"{item['file']} in {file} is damaged: its sha256 differs from the manifest's")
                 _check_patch(file, item, target, base)
                 staged.append((item, target))
-            ledger._init_base(base, manifest.get("model") or (lm.name if lm is not None else ""))
+            ledger.store.set_base(base, manifest.get("model") or (lm.name if lm is not None else ""))
             base_params = {name: (json.loads(p["shape"]), p["dtype"], p["sha256"])
                            for name, p in manifest.get("base_params", {}).items()}
             for item, target in staged:
                 name = new_patch_name()
                 names.append(name)
                 target.replace(ledger.store.begin_patch(name))
-                edit_id = ledger._insert(
+                edit_id = ledger.store.insert_edit(
                     name, kind=item["kind"], method=item["method"], config=item["config"], requests=item["requests"],
                     base_fingerprint=base, verdict=item.get("verdict"), probes=item.get("probes"),
                     info=item.get("info") or {}, source=f"import:{Path(file).name}#{item.get('source_id')}",
                     new_params=base_params)
                 if item.get("audit"):
-                    ledger._add_audit(edit_id, "import", AuditReport.from_dict(item["audit"]))
+                    audit = AuditReport.from_dict(item["audit"])  # checked: a malformed report is refused here
+                    ledger.store.add_audit(edit_id, "import", audit.verdict, audit.to_dict())
                 new_ids.append(edit_id)
     except BaseException:
         if names:  # rolled back: the moved patches belong to no row; the next writer removes them (markers kept)

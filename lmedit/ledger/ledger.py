@@ -24,21 +24,19 @@ Not handled: edits recorded against different base models in one ledger (one led
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmedit.config import to_dict
-from lmedit.editors import Edit, EditorConfig, load_edit
-from lmedit.ledger.audit import AuditConfig, AuditReport, run_audit, unaudited_report
-from lmedit.ledger.probes import build_record, derive_foil, record_from_dict, record_to_dict
-from lmedit.ledger.store import (EditRow, LedgerError, Store, file_sha256, new_patch_name, now, path_size,
-                                 test_pause)
+from lmedit.editors import Edit, EditorConfig, WeightEdit, load_edit
+from lmedit.ledger.audit import AuditConfig, AuditReport, audit_record, run_audit, unaudited_report
+from lmedit.ledger.probes import build_record, record_from_dict, record_to_dict
+from lmedit.ledger.store import (EditRow, LedgerError, Store, file_sha256, new_patch_name, now, test_pause)
 from lmedit.models.load import weights_fingerprint
 from lmedit.settings import resolve_editor
 from lmedit.types import EditRequest, request_from_dict
@@ -49,21 +47,6 @@ if TYPE_CHECKING:
     from lmedit.models.load import LM
 
 log = logging.getLogger(__name__)
-
-_STATE_ATTR = "_lmedit_ledger_state"
-
-
-@dataclass
-class _ModelState:
-    """Which ledger edits are on a model, in order (kept on the model object, like `Edit`'s own stack)."""
-
-    root: str
-    edits: list[tuple[int, Edit]] = field(default_factory=list)
-
-    @property
-    def ids(self) -> list[int]:
-        return [i for i, _ in self.edits]
-
 
 @dataclass
 class CommitResult:
@@ -98,7 +81,7 @@ def param_sha256(tensor: torch.Tensor) -> str:
 
 def _deltas(edit: Edit) -> dict[str, Any]:
     """Parameter name -> delta for edits that change weights; {} for other kinds."""
-    return dict(getattr(edit, "deltas", {}) or {})
+    return dict(edit.deltas) if isinstance(edit, WeightEdit) else {}
 
 
 class Ledger:
@@ -194,37 +177,34 @@ class Ledger:
         """Undo the ledger's edits on `lm`: the base model again, bit for bit."""
         self._ensure(lm, [])
 
-    def _state(self, lm: LM) -> _ModelState | None:
-        return getattr(lm.model, _STATE_ATTR, None)
-
     def _ensure(self, lm: LM, ids: Sequence[int]) -> None:
-        """Put `lm` in the state base + `ids` (in order), rebuilding from the base unless it is there already."""
-        state = self._state(lm)
-        if state is not None and state.root == str(self.path) and state.ids == list(ids) \
-                and all(e.is_applied for _, e in state.edits):
+        """Put `lm` in the state base + `ids` (in order), rebuilding from the base unless it is there already.
+
+        Which ledger edits are on the model is read from the model's stack (`lm.edits`: the ledger that rebuilt
+        it and its edits' ledger ids), never kept here, so a second `Ledger` object on the same directory agrees.
+        """
+        stack = lm.edits
+        if stack.ledger == str(self.path) and [i for i, _ in stack.labelled()] == list(ids):
             return
         self._to_base(lm)
-        state = _ModelState(str(self.path))
-        setattr(lm.model, _STATE_ATTR, state)
+        stack.ledger = str(self.path)
         try:
             for edit_id in ids:
                 edit = self.load_edit(edit_id)
                 edit.apply(lm)
-                state.edits.append((edit_id, edit))
+                stack.label(edit, edit_id)
         except Exception:
             self._to_base(lm)
             raise
 
     def _to_base(self, lm: LM) -> None:
         """Undo this ledger's (or another ledger's) edits on `lm`, newest first; check the base on first sight."""
-        state = self._state(lm)
-        if state is not None:
-            for _, edit in reversed(state.edits):
-                if edit.is_applied:
-                    edit.undo()
-            state.edits.clear()
-            if state.root == str(self.path):
-                return  # undo restored the bits this ledger already checked
+        stack = lm.edits
+        for _, edit in reversed(stack.labelled()):
+            edit.undo()
+        if stack.ledger == str(self.path):
+            return  # undo restored the bits this ledger already checked
+        stack.ledger = None
         self.check_base(lm)
 
     def check_base(self, lm: LM) -> None:
@@ -234,7 +214,7 @@ class Ledger:
             LedgerError: edits applied outside the ledger, a different weights hash, or a touched parameter
                 whose bits differ from the base recorded when it was first edited.
         """
-        foreign = list(getattr(lm.model, "_lmedit_applied", []) or [])
+        foreign = lm.edits.unlabelled()
         if foreign:
             raise LedgerError(f"{lm.name!r} has {len(foreign)} edit(s) applied outside this ledger; undo them first")
         base = self.base_fingerprint
@@ -289,8 +269,8 @@ class Ledger:
         if edit.is_applied:
             raise LedgerError("record() takes an unapplied edit (the audit applies it itself)")
         base = self.base_fingerprint
-        made_on = getattr(edit, "base_fingerprint", "") or lm.fingerprint
-        if hasattr(edit, "base_fingerprint") and not edit.base_fingerprint:
+        made_on = edit.base_fingerprint or lm.fingerprint
+        if not edit.base_fingerprint:
             edit.base_fingerprint = made_on  # made on `lm`: its patch file must name the model (checked on load)
         if base is not None and made_on != base:
             raise LedgerError(f"this edit was made on a model with hash {made_on}, but the ledger {self.path} is for "
@@ -305,10 +285,8 @@ class Ledger:
         new_params = {name: (tuple(params[name].shape), str(params[name].dtype), param_sha256(params[name]))
                       for name in _deltas(edit) if name not in known and name in params}
         # Triplet requests are audited; edit descriptors (free-text edits of wrapper methods) have no probes.
-        records = [build_record(r, foil=None if r.target_true else derive_foil(lm, r), paraphrases=paraphrases,
-                                neighbors=neighbors, generic_neighbors=self.audit_config.generic_neighbors,
-                                context_paraphrases=self.audit_config.context_paraphrases)
-                   for r in getattr(edit, "requests", ()) if isinstance(r, EditRequest)]
+        records = [audit_record(lm, r, paraphrases=paraphrases, neighbors=neighbors, config=self.audit_config)
+                   for r in edit.requests if isinstance(r, EditRequest)]
         without, with_edit = _toggles(edit, lm)
 
         if records:
@@ -327,72 +305,35 @@ class Ledger:
         except BaseException:
             edit.undo()
             raise
-        state = self._state(lm)
-        assert state is not None
-        state.edits.append((edit_id, edit))
+        lm.edits.label(edit, edit_id)
         return CommitResult(edit_id, report, edit)
 
     def _commit(self, lm: LM, edit: Edit, report: AuditReport, records: Sequence[EvalRecord],
                 new_params: dict[str, tuple[tuple[int, ...], str, str]], source: str,
                 reason: str = "commit") -> int:
         """Write the patch file, then its row; the row is committed last (see `store` on crashes)."""
-        requests = [r.to_dict() for r in getattr(edit, "requests", ())]
-        config = getattr(edit, "config", {}) or {}
-        if isinstance(config, EditorConfig):
-            config = to_dict(config)
+        meta = edit.meta
+        config = to_dict(meta.config) if isinstance(meta.config, EditorConfig) else meta.config
+        base = meta.base_fingerprint or lm.fingerprint
         name = new_patch_name()
         with self.store.write():
-            self._init_base(getattr(edit, "base_fingerprint", "") or lm.fingerprint, lm.name)
+            self.store.set_base(base, lm.name)
             path = self.store.begin_patch(name)  # a marker first: a killed write's file is known to be one
             edit.save(path)  # writes a temporary file and renames it into place
             test_pause("patch_saved")
-            edit_id = self._insert(
-                name, kind=edit.kind, method=getattr(edit, "method", "") or "", config=config, requests=requests,
-                base_fingerprint=getattr(edit, "base_fingerprint", "") or lm.fingerprint, verdict=report.verdict,
-                probes=[record_to_dict(r) for r in records], info=getattr(edit, "info", {}) or {}, source=source,
-                new_params=new_params)
-            self._add_audit(edit_id, reason, report)
+            edit_id = self.store.insert_edit(
+                name, kind=meta.kind, method=meta.method, config=config, requests=[r.to_dict() for r in meta.requests],
+                base_fingerprint=base, verdict=report.verdict, probes=[record_to_dict(r) for r in records],
+                info=meta.info, source=source, new_params=new_params)
+            self.store.add_audit(edit_id, reason, report.verdict, report.to_dict())
             test_pause("row_inserted")
         self.store.end_patch(name)
         return edit_id
 
-    def _init_base(self, fingerprint: str, model: str) -> None:
-        """Set the ledger's base model (inside a write transaction) when this is its first edit; else check it."""
-        base = self.store.meta("base_fingerprint")
-        if base is None:
-            self.store.db.execute("INSERT INTO meta VALUES ('base_fingerprint', ?)", (fingerprint,))
-            self.store.db.execute("INSERT INTO meta VALUES ('model', ?)", (model,))
-        elif base != fingerprint:
-            raise LedgerError(f"model hash mismatch: the ledger {self.path} is for base {base} ({self.model}), "
-                              f"not {fingerprint} ({model})")
-
-    def _insert(self, patch: str, *, kind: str, method: str, config: dict[str, Any], requests: list[dict[str, Any]],
-                base_fingerprint: str, verdict: str | None, probes: list[dict[str, Any]] | None, info: dict[str, Any],
-                source: str, new_params: dict[str, tuple[Any, str, str]]) -> int:
-        """Insert one edit row (inside a `store.write()` transaction), its patch already in place. Returns its id."""
-        db = self.store.db
-        for param, (shape, dtype, sha) in new_params.items():
-            db.execute("INSERT OR IGNORE INTO base_params VALUES (?, ?, ?, ?)", (param, json.dumps(list(shape)), dtype, sha))
-        path = self.store.patch_path(patch)
-        stamp = now()
-        cursor = db.execute(
-            "INSERT INTO edits (created, updated, state, kind, method, config, requests, base_fingerprint, patch, "
-            "patch_sha256, patch_bytes, verdict, probes, info, source) "
-            "VALUES (?, ?, 'applied', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (stamp, stamp, kind, method, json.dumps(config, default=str), json.dumps(requests), base_fingerprint, patch,
-             file_sha256(path), path_size(path), verdict, json.dumps(probes) if probes is not None else None,
-             json.dumps(info, default=str), source))
-        return int(cursor.lastrowid)  # type: ignore[arg-type]
-
-    def _add_audit(self, edit_id: int, reason: str, report: AuditReport) -> None:
-        self.store.db.execute("INSERT INTO audits (edit_id, created, reason, verdict, report) VALUES (?, ?, ?, ?, ?)",
-                              (edit_id, now(), reason, report.verdict, json.dumps(report.to_dict(), default=str)))
-        self.store.db.execute("UPDATE edits SET verdict = ? WHERE id = ?", (report.verdict, edit_id))
-
     def _store_reports(self, reports: dict[int, AuditReport], reason: str) -> None:
         with self.store.write():
             for edit_id, report in reports.items():
-                self._add_audit(edit_id, reason, report)
+                self.store.add_audit(edit_id, reason, report.verdict, report.to_dict())
 
     # ---- revert, re-apply, audit --------------------------------------------------------------------
 

@@ -147,7 +147,7 @@ def replay(ledger: Ledger, onto: LM, *, into: str | Path | Ledger | None = None,
                     ", ".join(commit.report.failing("refuse") or commit.report.failing("warn"))
     finally:
         if scratch is not None:
-            target._ensure(onto, [])  # back to the unedited model: the temporary ledger goes away
+            target.detach(onto)  # back to the unedited model: the temporary ledger goes away
             target.close()
             scratch.cleanup()
     return result

@@ -57,7 +57,9 @@ STATES = ("applied", "reverted")
 PENDING_PREFIX = ".lmedit-pending-"  # marker of a patch being written (see the module docstring)
 IMPORT_PREFIX = ".lmedit-import-"  # scratch directory of `import_patch`, inside the ledger directory
 _PATCH_NAME = re.compile(r"[0-9a-f]{32}\.edit")
-_PATCH_TMP = re.compile(r"[0-9a-f]{32}\.edit\.tmp")  # `Edit.save` writes <path>.tmp, then renames it
+# `Edit.save` writes `.<patch>.<pid>-<hex>.lmedit-tmp` (`lmedit.cache.atomic_write`), then renames it; lmedit
+# before 0.2 wrote `<patch>.tmp`.
+_PATCH_TMP = re.compile(r"[0-9a-f]{32}\.edit\.tmp|\.[0-9a-f]{32}\.edit\.\d+-[0-9a-f]{8}\.lmedit-tmp")
 _IMPORT_TMP = re.compile(re.escape(IMPORT_PREFIX) + r"[A-Za-z0-9_]+")
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _TABLES = {"meta", "edits", "audits", "base_params"}
@@ -424,6 +426,48 @@ class Store:
         return removed
 
     # ---- reads -----------------------------------------------------------------------------------
+
+    def set_base(self, fingerprint: str, model: str) -> None:
+        """Set the ledger's base model (inside a `write()` transaction) when this is its first edit; else check it.
+
+        Raises:
+            LedgerError: the ledger is for another base model.
+        """
+        base = self.meta("base_fingerprint")
+        if base is None:
+            self.db.execute("INSERT INTO meta VALUES ('base_fingerprint', ?)", (fingerprint,))
+            self.db.execute("INSERT INTO meta VALUES ('model', ?)", (model,))
+        elif base != fingerprint:
+            raise LedgerError(f"model hash mismatch: the ledger {self.root} is for base {base} "
+                              f"({self.meta('model')}), not {fingerprint} ({model})")
+
+    def insert_edit(self, patch: str, *, kind: str, method: str, config: dict[str, Any],
+                    requests: list[dict[str, Any]], base_fingerprint: str, verdict: str | None,
+                    probes: list[dict[str, Any]] | None, info: dict[str, Any], source: str,
+                    new_params: dict[str, tuple[Any, str, str]]) -> int:
+        """Insert one edit row (inside a `write()` transaction), its patch already in place. Returns its id.
+
+        `new_params`: parameter name -> (shape, dtype, sha256) of base values first touched by this edit.
+        """
+        for param, (shape, dtype, sha) in new_params.items():
+            self.db.execute("INSERT OR IGNORE INTO base_params VALUES (?, ?, ?, ?)",
+                            (param, json.dumps(list(shape)), dtype, sha))
+        path = self.patch_path(patch)
+        stamp = now()
+        cursor = self.db.execute(
+            "INSERT INTO edits (created, updated, state, kind, method, config, requests, base_fingerprint, patch, "
+            "patch_sha256, patch_bytes, verdict, probes, info, source) "
+            "VALUES (?, ?, 'applied', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (stamp, stamp, kind, method, json.dumps(config, default=str), json.dumps(requests), base_fingerprint, patch,
+             file_sha256(path), path_size(path), verdict, json.dumps(probes) if probes is not None else None,
+             json.dumps(info, default=str), source))
+        return int(cursor.lastrowid)  # type: ignore[arg-type]
+
+    def add_audit(self, edit_id: int, reason: str, verdict: str, report: dict[str, Any]) -> None:
+        """Store an audit report of edit `edit_id` (inside a `write()` transaction); it becomes the edit's verdict."""
+        self.db.execute("INSERT INTO audits (edit_id, created, reason, verdict, report) VALUES (?, ?, ?, ?, ?)",
+                        (edit_id, now(), reason, verdict, json.dumps(report, default=str)))
+        self.db.execute("UPDATE edits SET verdict = ? WHERE id = ?", (verdict, edit_id))
 
     def meta(self, key: str) -> str | None:
         with self._readable():

@@ -33,6 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from lmedit import defaults
 from lmedit.cache import atomic_write, cache_root, publish_dir, temp_dir
 from lmedit.errors import DeviceError, LMEditError, ModelNotFoundError, NotAnLMError, UnsupportedArchitectureError
+from lmedit.models.applied import AppliedEdits, applied_edits
 from lmedit.models.arch import ArchSpec, get_arch
 from lmedit.models.vocab import mark_multimodal_special, never_text_ids
 from lmedit.types import Site
@@ -89,7 +90,7 @@ class LM:
     """A loaded model bundle: the HF model, its tokenizer, its ArchSpec and where it runs.
 
     `fingerprint` identifies the weights the bundle was loaded with (see `weights_fingerprint`):
-    saved edits and caches are keyed by it.
+    saved edits and caches are keyed by it. `edits` is the stack of edits applied to the model.
     """
 
     model: PreTrainedModel
@@ -97,6 +98,11 @@ class LM:
     arch: ArchSpec
     name: str
     fingerprint: str
+
+    @property
+    def edits(self) -> AppliedEdits:
+        """The edits applied to this model, in order (`lmedit.models.applied`): route, keys, suspend, ledger ids."""
+        return applied_edits(self.model)
 
     @cached_property
     def never_text_ids(self) -> tuple[int, ...]:

@@ -38,8 +38,11 @@ def _save(fig, path: str | Path) -> list[Path]:
     return out
 
 
-def plot_trace(result: TraceResult, path: str | Path) -> list[Path]:
+def plot_trace(result: TraceResult, path: str | Path, mark_layer: int | None = None) -> list[Path]:
     """Heatmap of a `TraceResult` (tokens down, layers across, subject tokens starred, colour bar).
+
+    Args:
+        mark_layer: a layer to mark with a dashed vertical line and a label (e.g. the layer to edit).
 
     Returns:
         The written PNG and SVG paths (`path` with those suffixes).
@@ -70,6 +73,9 @@ def plot_trace(result: TraceResult, path: str | Path) -> list[Path]:
         what = "state" if result.kind == "resid" else _TITLES[result.kind]
         title = f"Impact of restoring {what} after corrupted input"
     ax.set_title(title, fontsize=9)
+    if mark_layer is not None:
+        ax.axvline(mark_layer, color="black", ls="--", lw=1)
+        xlabel += f"\n(dashed: layer {mark_layer})"
     ax.set_xlabel(xlabel)
     bar = fig.colorbar(image, ax=ax)
     bar.ax.set_title(f"p({result.answer_token.strip()})", fontsize=8)

@@ -121,9 +121,9 @@ class TraceResult:
         data["subject_range"] = tuple(data["subject_range"])
         return cls(**data)
 
-    def plot(self, path: str | Path) -> list[Path]:
-        """Write the heatmap as `path` with .png and .svg suffixes; returns both paths."""
-        return plot_trace(self, path)
+    def plot(self, path: str | Path, mark_layer: int | None = None) -> list[Path]:
+        """Write the heatmap as `path` with .png and .svg suffixes (`mark_layer`: a layer to mark); returns both."""
+        return plot_trace(self, path, mark_layer)
 
 
 def _validate(lm: LM, prompt: str, samples: int, noise: float | None, window: int | None) -> int:

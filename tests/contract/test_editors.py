@@ -21,7 +21,7 @@ from lmedit.editors import WrapperEdit, get_editor, load_edit
 from lmedit.registry import editors
 from lmedit.scoring import next_token_logprobs
 from lmedit.stats import StatsCache
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 from lmedit.tokens import target_ids
 
 # Subject at the end of the prompt: in a random 4-layer model little flows from earlier tokens to the last.
@@ -31,6 +31,8 @@ CORPUS = "{corpus}"  # replaced by a file of tiny-tokenizer text (statistics for
 # Settings per editor for the tiny models. "{corpus}" in a value is replaced by the corpus file spec.
 TINY_CONFIGS: dict[str, dict] = {
     "serac": {"encoder": "lexical", "threshold": 0.3},  # hashed bag of words: no encoder weights in unit tests
+    # IKE on a 128-token context: two demonstrations (fit with the fact and prompt; truncation handles the rest).
+    "ike": {"encoder": "lexical", "k": 2, "reserve_tokens": 8},
     "rome": {"layer": 1, "corpus": CORPUS, "corpus_tokens": 4000, "prefixes_short": 3, "prefixes_long": 2},
     # The paper's λ1 = 1, λ2 = 8 flip both tiny models; share 0.6 (paper: 0.7) because of 3 prompts (2 prefixes)
     # no neuron of the random llama passes in all 3; 8 Riemann steps keep it fast.
@@ -50,13 +52,13 @@ NOT_EDITING = {"noop"}
 # Wrapper editors whose counterfactual model is the base model reading the edit in context: a random tiny
 # model cannot read context, so here the edit must change the prediction on the edit prompt (weights
 # untouched); the top-1 flip is checked on the real model (tests/slow/test_serac_real.py).
-READS_CONTEXT = {"serac"}
+READS_CONTEXT = {"serac", "ike"}
 
 
 def _config(method: str, tmp_path) -> dict:
     corpus = tmp_path / "corpus.txt"
     if not corpus.exists():
-        corpus.write_text("\n\n".join(_CORPUS * 40))
+        corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     return {k: (f"file:{corpus}" if v == CORPUS else v) for k, v in TINY_CONFIGS[method].items()}
 
 

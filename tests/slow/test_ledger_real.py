@@ -21,6 +21,9 @@ FACTS = [("{} is married to", "Barack Obama", "Hillary Clinton", "Michelle Obama
          ("The official language of {} is", "Brazil", "French", "Portuguese")]
 PROMPTS = ["The Eiffel Tower is located in the city of", "The official language of Brazil is",
            "Barack Obama is married to", "The capital of Japan is the city of"]
+# The audits' fluency check generates 4 tokens per probe instead of 16: nothing here asserts on fluency, and
+# generation is most of an audit's time on CPU (fluency itself is tested in tests/unit/ledger).
+SHORT_AUDIT = ("--audit-set", "generation_tokens=4")
 FIGURES = ("efficacy", "paraphrase", "neighborhood", "specificity_plus", "implication", "essence_drift",
            "neighborhood_kl", "fluency_drop", "probe_loss")
 
@@ -53,8 +56,8 @@ def ledger_dir(tmp_path_factory):
     for prompt, subject, new, old in FACTS:
         _cli("edit", "--model", "gemma3-270m", "--ledger", str(path),
              "--prompt", prompt, "--subject", subject, "--target-new", new, "--target-true", old,
-             "--max-new-tokens", "1")
-    _cli("ledger", "revert", "1", "--ledger", str(path))
+             "--max-new-tokens", "1", *SHORT_AUDIT)
+    _cli("ledger", "revert", "1", "--ledger", str(path), *SHORT_AUDIT)
     return path
 
 
@@ -117,11 +120,12 @@ def test_exported_model_loads_with_plain_transformers(ledger_dir, tmp_path, gemm
 
 
 def test_replay_onto_smollm_and_back(ledger_dir, tmp_path, capsys):
-    _cli("ledger", "replay", "--ledger", str(ledger_dir), "--onto", "smollm2-135m", "--into", str(tmp_path / "smollm"))
+    _cli("ledger", "replay", "--ledger", str(ledger_dir), "--onto", "smollm2-135m", "--into", str(tmp_path / "smollm"),
+         *SHORT_AUDIT)
     smollm = Ledger(tmp_path / "smollm")
     assert smollm.base_fingerprint != Ledger(ledger_dir).base_fingerprint
     _cli("ledger", "replay", "--ledger", str(tmp_path / "smollm"), "--onto", "gemma3-270m",
-         "--into", str(tmp_path / "back"))
+         "--into", str(tmp_path / "back"), *SHORT_AUDIT)
     back = Ledger(tmp_path / "back")
     assert back.base_fingerprint == Ledger(ledger_dir).base_fingerprint
     with capsys.disabled():

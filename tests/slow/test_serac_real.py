@@ -11,7 +11,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmedit.editors.base import route_prompts
 from lmedit.editors.serac import SeracConfig, SeracEditor, edit_statement
 from lmedit.eval import evaluate, load_dataset
 from lmedit.scoring import next_token_logprobs, score_targets
@@ -49,7 +48,7 @@ def _alone(lm, prompts):
 def test_minilm_scope_retrieves_paraphrases_not_unrelated_inputs(gemma, editor):
     edit = editor.edit(gemma, [EIFFEL, MESSI, PM, DENTIST])
     with edit.applied(gemma):
-        routed = route_prompts(gemma, [p for p, _ in FIXED_SET])
+        routed = gemma.edits.route([p for p, _ in FIXED_SET])
     for (prompt, expected), text in zip(FIXED_SET, routed):
         if expected is None:
             assert text == prompt, prompt

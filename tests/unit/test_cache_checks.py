@@ -33,7 +33,7 @@ from lmedit.editors.kn import KnConfig, KnEditor
 from lmedit.editors.rome import RomeConfig, RomeEditor
 from lmedit.errors import CorpusError
 from lmedit.stats import CorpusSpec, StatsCache, key_second_moment
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 from lmedit.tracing import Fact, LayerSuggestion, suggest_layer
 
 REQUEST = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
@@ -45,7 +45,7 @@ OTHER_MODEL = "0" * 16
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-    path.write_text("\n\n".join(_CORPUS * 40))
+    path.write_text("\n\n".join(TINY_CORPUS * 40))
     return path
 
 
@@ -241,8 +241,8 @@ def test_an_empty_corpus_file_is_a_clear_error_and_caches_nothing(name, text, tm
     with pytest.raises(CorpusError, match=f"corpus file {path} has no text"):
         RomeConfig(layer=1, corpus=f"file:{path}")  # before any model work
     # emptied after the settings were checked: the statistics refuse it too, and nothing is written
-    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in _CORPUS) if path.suffix == ".jsonl"
-                    else "\n\n".join(_CORPUS))
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in TINY_CORPUS) if path.suffix == ".jsonl"
+                    else "\n\n".join(TINY_CORPUS))
     editor = RomeEditor(RomeConfig(layer=1, corpus=f"file:{path}", corpus_tokens=200), cache=StatsCache(tmp_path / "c"))
     spec = CorpusSpec(source=f"file:{path}", n_tokens=200)
     path.write_text(text)

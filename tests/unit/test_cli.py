@@ -8,12 +8,12 @@ import torch
 import lmedit
 from lmedit.cli.main import main
 from lmedit.errors import ModelNotFoundError
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 
 
 @pytest.fixture(autouse=True)
 def corpus(tmp_path):
-    (tmp_path / "corpus.txt").write_text("\n\n".join(_CORPUS * 40))
+    (tmp_path / "corpus.txt").write_text("\n\n".join(TINY_CORPUS * 40))
 
 
 def test_load_local_directory_matches(model_dir):

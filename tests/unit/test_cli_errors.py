@@ -45,7 +45,7 @@ def last_error(capsys) -> str:
 
 @pytest.fixture
 def wide(monkeypatch):
-    from lmedit.cli._common import console
+    from lmedit.cli.common import console
 
     monkeypatch.setattr(console, "width", 300)  # rich folds table cells to the terminal width
 
@@ -296,7 +296,7 @@ def test_markup_in_user_text_prints_verbatim(model_dir, capsys, wide):
 
 
 def test_ledger_rows_escape_requests(capsys, wide):
-    from lmedit.cli._ledger import render_rows
+    from lmedit.cli.ledger_common import render_rows
 
     row = SimpleNamespace(id=1, state="applied", verdict="keep", method="rome", kind="weight", created="today",
                           requests=[{"prompt": "{} is [bold]in", "subject": "[A]", "target_new": "[/]"}])

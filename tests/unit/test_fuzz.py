@@ -46,7 +46,7 @@ from lmedit.ledger.audit import CHECKS
 from lmedit.ledger.store import DB_NAME
 from lmedit.registry import editors
 from lmedit.stats import CorpusSpec, StatsCache
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 from lmedit.types import EditDescriptor, EditRequest
 
 COUNTS: collections.Counter[str] = collections.Counter()
@@ -140,7 +140,7 @@ def env(tmp_path_factory):
     fresh.model.save_pretrained(model_dir)
     fresh.tokenizer.save_pretrained(model_dir)
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     lm = tiny_lm("llama")  # the ledger applied its edits to the first one
     files = {"saved": sha(saved), "patch": sha(patch)}
     yield {"root": root, "lm": lm, "weights": snapshot(lm), "saved": saved, "patch": patch, "ledger": ledger_path,

@@ -6,7 +6,7 @@ import torch
 from lmedit.errors import LMEditError
 from lmedit.hooks import capture
 from lmedit.stats import CorpusSpec, StatsCache, corpus_sequences, key_second_moment, sample_sequences, stdlib_docstrings
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 from lmedit.tokens import pad_batch
 from lmedit.types import Site
 
@@ -14,7 +14,7 @@ from lmedit.types import Site
 @pytest.fixture
 def corpus_file(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("\n\n".join(_CORPUS * 10))
+    path.write_text("\n\n".join(TINY_CORPUS * 10))
     return path
 
 

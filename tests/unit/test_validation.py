@@ -21,8 +21,7 @@ import lmedit
 from lmedit.config import number_fields, check_ranges, load_config
 from lmedit.editors import get_editor
 from lmedit.editors.alphaedit import AlphaEditConfig
-from lmedit.editors.ft import FtConfig
-from lmedit.editors.ft_l import FtLConfig
+from lmedit.editors.ft import FtConfig, FtLConfig
 from lmedit.editors.kn import KnConfig
 from lmedit.editors.memit import MemitConfig
 from lmedit.editors.mend import MendConfig

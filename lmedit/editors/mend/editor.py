@@ -39,7 +39,8 @@ from lmedit.editors.mend.network import MendNetwork, load_network, network_file
 from lmedit.errors import EditFailedError, LMEditError
 from lmedit.hooks import capture, patch, start_at
 from lmedit.registry import editors
-from lmedit.tokens import Batch, pad_batch, prompt_ids, target_ids
+from lmedit.scoring import teacher_forced
+from lmedit.tokens import Batch
 from lmedit.types import EditRequest, Site
 
 if TYPE_CHECKING:
@@ -89,46 +90,45 @@ class Rows:
 
 @dataclass
 class RowBuilder:
-    """Collects rows: `add(kind, owner, prompt, answer)` appends prompt + answer[:-1] and scores every answer token."""
+    """Collects rows: `add(kind, owner, prompt, answer)` appends the teacher-forced row prompt + answer[:-1] scoring
+    every answer token; `build` tokenizes them all at once (`scoring.teacher_forced`)."""
 
     lm: LM
-    seqs: list[list[int]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
     owners: list[int] = field(default_factory=list)
-    points: dict[str, list[tuple[int, int, int, int, int]]] = field(default_factory=dict)
-    n_seqs: dict[str, int] = field(default_factory=dict)
-    edit_rows: list[int] = field(default_factory=list)
+    prompts: list[str] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
 
     def add(self, kind: str, owner: int, prompt: str, answer: str) -> None:
-        p = prompt_ids(self.lm, prompt)
-        a = target_ids(self.lm, answer)
-        row = len(self.seqs)
-        self.seqs.append(p + a[:-1])
+        self.kinds.append(kind)
         self.owners.append(owner)
-        seq = self.n_seqs.get(kind, 0)
-        self.n_seqs[kind] = seq + 1
-        bucket = self.points.setdefault(kind, [])
-        for j, token in enumerate(a):
-            bucket.append((row, len(p) - 1 + j, token, seq, owner))
-        if kind == "edit":
-            self.edit_rows.append(row)
+        self.prompts.append(prompt)
+        self.answers.append(answer)
 
     def build(self, n_edits: int) -> Rows:
         dev = self.lm.device
-        batch = pad_batch(self.lm, self.seqs)
-        scored = {}
-        for kind, pts in self.points.items():
-            cols = list(zip(*pts))
-            scored[kind] = Scored(*(torch.tensor(c, device=dev) for c in cols), n_seqs=self.n_seqs[kind])
+        tf = teacher_forced(self.lm, self.prompts, self.answers, feed_last=False)
+        points: dict[str, list[tuple[int, int, int, int, int]]] = {}
+        n_seqs: dict[str, int] = {}
+        for kind, owner, (start, n) in zip(self.kinds, self.owners, tf.spans):
+            seq = n_seqs.get(kind, 0)  # the row's number among the rows of its kind
+            n_seqs[kind] = seq + 1
+            points.setdefault(kind, []).extend((tf.rows[k], tf.positions[k], tf.gold[k], seq, owner)
+                                               for k in range(start, start + n))
+        scored = {kind: Scored(*(torch.tensor(c, device=dev) for c in zip(*pts)), n_seqs=n_seqs[kind])
+                  for kind, pts in points.items()}
         special = set(self.lm.tokenizer.all_special_ids)
         tok_rows, tok_pos = [], []
-        for row in self.edit_rows:
-            for pos, token in enumerate(self.seqs[row]):
+        for row, kind in enumerate(self.kinds):
+            if kind != "edit":
+                continue
+            for pos, token in enumerate(tf.ids[row]):
                 if token not in special:
                     tok_rows.append(row)
                     tok_pos.append(pos)
         if not tok_rows:
             raise LMEditError("the edit prompt has no token besides special tokens")
-        return Rows(batch=batch, owner=torch.tensor(self.owners, device=dev), scored=scored,
+        return Rows(batch=tf.padded(self.lm), owner=torch.tensor(self.owners, device=dev), scored=scored,
                     edit_tokens=(torch.tensor(tok_rows, device=dev), torch.tensor(tok_pos, device=dev)),
                     n_edits=n_edits)
 

@@ -29,9 +29,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
+from lmedit.cache import atomic_write
 from lmedit.errors import LMEditError, MissingFileError
 
 FORMAT = "lmedit.mend"
@@ -181,9 +182,7 @@ def save_network(network: MendNetwork, path: str | Path, *, config: dict[str, An
             "config": json.dumps(config), "base_fingerprint": base_fingerprint, "base_model": base_model,
             "step": str(step), "extra": json.dumps(extra or {}, default=str)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(path, save(tensors, metadata=meta))
     return path
 
 

@@ -10,7 +10,7 @@ reaches the base model as the same text, so its outputs are bit-identical (compa
 a batch's padding and size change float rounding for any model).
 
 A `SeracEdit` holds the entries of one `edit()` call; the model's memory is the union of the entries of
-every applied `SeracEdit` (`route_prompts` picks the best claim across them), so undoing one edit, as
+every applied `SeracEdit` (`lm.edits.route` picks the best claim across them), so undoing one edit, as
 the ledger does to revert it, removes exactly its entries. `Memory` is the list/add/remove view.
 
 Not handled: a separately trained counterfactual model (the paper fine-tunes a small seq2seq model).
@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmedit.editors.base import WrapperEdit, _stack
+from lmedit.editors.base import WrapperEdit
 from lmedit.editors.serac.config import ENCODERS
 from lmedit.editors.serac.scope import INPUT_VIEWS, ScopeHead, SentenceEncoder, load_encoder
 from lmedit.errors import EditFileError, LMEditError
@@ -157,7 +157,7 @@ class SeracEdit(WrapperEdit, wrapper="serac"):
         # Reuse the encoder of another applied SERAC edit (loading MiniLM takes seconds; its cache is shared too).
         if self._lm is None:
             return None
-        for other in _stack(self._lm):
+        for other in self._lm.edits.of_kind("wrapper"):
             if isinstance(other, SeracEdit) and other._encoder is not None and other.encoder_name == self.encoder_name:
                 return other._encoder
         return None
@@ -240,7 +240,7 @@ class Memory:
         self.editor = editor
 
     def edits(self) -> list[SeracEdit]:
-        return [e for e in _stack(self.lm) if isinstance(e, SeracEdit)]
+        return [e for e in self.lm.edits.of_kind("wrapper") if isinstance(e, SeracEdit)]
 
     def entries(self) -> list[MemoryEntry]:
         return [entry for edit in self.edits() for entry in edit.entries]

@@ -36,8 +36,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
+from lmedit.cache import atomic_write
 from lmedit.errors import LMEditError, MissingFileError
 from lmedit.types import EditDescriptor, EditRequest
 
@@ -396,9 +397,7 @@ def save_head(head: ScopeHead, path: str | Path, *, encoder: SentenceEncoder, ba
     meta = {"format": SCOPE_FORMAT, "encoder": encoder.name, "encoder_identity": encoder.identity(), "view": head.view,
             "base_fingerprint": base_fingerprint, "config": json.dumps(config), "report": json.dumps(report)}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in head.tensors().items()}, str(tmp), metadata=meta)
-    tmp.replace(path)
+    atomic_write(path, save({k: v.contiguous() for k, v in head.tensors().items()}, metadata=meta))
     return path
 
 

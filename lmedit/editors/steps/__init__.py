@@ -2,7 +2,7 @@
 
 - `value`: context prefixes and the value optimisation (ROME's v*, MEMIT's and AlphaEdit's targets), with
   only the δ-dependent positions recomputed each step (`lmedit.split_forward`).
-- `mass`: what MEMIT and AlphaEdit share — layer choice, keys at the subject, targets, spreading the residual
-  over layers, the keys of earlier edits to preserve.
-- `finetune`: the training loop of FT and FT-L (teacher-forced batch, norm bound, deltas).
+- `mass`: what MEMIT and AlphaEdit share — `MassEditor`, the edit flow both subclass (layer choice, keys at the
+  subject, targets, spreading the residual over layers), and the keys of earlier edits to preserve.
+- `finetune`: the training loop of FT and FT-L (`editors/ft.py`: teacher-forced batch, norm bound, deltas).
 """

@@ -1,9 +1,8 @@
-"""Shared fine-tuning loop of the FT and FT-L baselines: gradient steps on target_new for chosen weights.
-
-Used by `editors/ft.py` (unconstrained) and `editors/ft_l.py` (the change kept in an L∞ ball, Zhu et al.
-2020, "Modifying Memories in Transformer Models", arXiv:2012.00363). ROME (Meng et al. 2022,
-arXiv:2202.05262, §4) uses both as baselines; its GPT-2 XL setting (layer 0's MLP down-projection, 25 Adam
-steps at lr 5e-4, ε = 5e-4 for FT-L) gives the config defaults here.
+"""The fine-tuning loop of the FT and FT-L baselines (`editors/ft.py`): gradient steps on target_new for chosen
+weights, unconstrained or with the change kept in an L∞ ball (FT-L, Zhu et al. 2020, "Modifying Memories in
+Transformer Models", arXiv:2012.00363). ROME (Meng et al. 2022, arXiv:2202.05262, §4) uses both as
+baselines; its GPT-2 XL setting (layer 0's MLP down-projection, 25 Adam steps at lr 5e-4, ε = 5e-4 for FT-L)
+gives the config defaults here and in `editors/ft.py`.
 
 The objective: the mean over requests (and over optional ROME-style random prefixes) of target_new's
 teacher-forced NLL per target token; the prompt's tokens are not scored. Every request is in the same
@@ -35,8 +34,8 @@ from lmedit.editors.steps.value import context_prefixes, prefix_token_bound
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.models.arch import WeightName
-from lmedit.scoring import logits_at
-from lmedit.tokens import pad_batch, prompt_ids, target_ids
+from lmedit.scoring import logits_at, teacher_forced
+from lmedit.tokens import Batch
 from lmedit.types import EditRequest
 
 if TYPE_CHECKING:
@@ -117,24 +116,15 @@ def trainable_copies(lm: LM, names: Sequence[str]) -> Iterator[dict[str, nn.Para
             p.requires_grad_(flags.get(name, p.requires_grad))
 
 
-def _training_batch(lm: LM, requests: Sequence[EditRequest], prefixes: Sequence[str]):
-    """Sequences "prefix + prompt + target[:-1]" and, per scored target token, (row, position, gold, weight)."""
-    seqs, rows, positions, gold, weights = [], [], [], [], []
-    for request in requests:
-        t_ids = target_ids(lm, request.target_new)
-        for prefix in prefixes:
-            p_ids = prompt_ids(lm, prefix + request.text)
-            row = len(seqs)
-            seqs.append(p_ids + t_ids[:-1])
-            for j, tok in enumerate(t_ids):
-                rows.append(row)
-                positions.append(len(p_ids) - 1 + j)  # the logits that predict target token j
-                gold.append(tok)
-                weights.append(1.0 / len(t_ids))      # each sequence counts once, whatever its target length
-    dev = lm.device
-    as_long = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-    return (pad_batch(lm, seqs), as_long(rows), as_long(positions), as_long(gold),
-            torch.tensor(weights, dtype=torch.float32, device=dev), len(seqs))
+def _training_batch(lm: LM, requests: Sequence[EditRequest], prefixes: Sequence[str]
+                    ) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """Rows "prefix + prompt + target[:-1]" request by request (`scoring.teacher_forced`): (padded batch, and per
+    scored target token its row, position, gold id and weight, then the number of rows). A token's weight is
+    1 / (its target's length): each sequence counts once, whatever its target length."""
+    scored = teacher_forced(lm, [prefix + request.text for request in requests for prefix in prefixes],
+                            [request.target_new for request in requests for _ in prefixes], feed_last=False)
+    weights = torch.tensor([1.0 / n for _, n in scored.spans for _ in range(n)], dtype=torch.float32, device=lm.device)
+    return (scored.padded(lm), *scored.index(lm.device), weights, len(scored.ids))
 
 
 def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,

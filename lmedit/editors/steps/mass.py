@@ -1,4 +1,5 @@
-"""Shared pieces of the mass editors (MEMIT, AlphaEdit): keys of many requests, z targets, the layer-by-layer spread.
+"""The mass editors' base (MEMIT, AlphaEdit): keys of many requests, z targets, the layer-by-layer spread, and
+`MassEditor`, the edit flow both run, which a subclass specialises only by its per-layer closed form (`solver`).
 
 MEMIT (Meng et al. 2023, "Mass-Editing Memory in a Transformer", arXiv:2210.07229, §4.3) edits the MLP
 down-projections of a range of layers R = [l_1 .. L] at once:
@@ -20,23 +21,28 @@ Legend: n requests, d = d_model, d_mlp = the down-projection's input width; K is
 
 from __future__ import annotations
 
+import logging
+from abc import abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 import torch
 
-from lmedit.config import check_ranges
-from lmedit.editors.steps.value import ValueOptions, ValueResult, optimize_values, prefix_token_bound, prefixed_templates
-from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
+from lmedit.config import check_ranges, to_dict
+from lmedit.editors.steps.value import (ValueOptions, ValueResult, context_prefixes, optimize_values, prefix_token_bound,
+                                        prefixed_templates)
+from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
-from lmedit.stats import CorpusSpec
+from lmedit.stats import CorpusSpec, StatsCache, key_second_moment
 from lmedit.hooks import capture
 from lmedit.tokens import pad_batch, prompt_ids, subject_span
 from lmedit.types import EditRequest, Site
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
+
+log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[str, int, int], None]
 # (layer, K (n, d_mlp) float64, D (n, d) float64) -> Δ (d, d_mlp) as factors (left (d, r), right (d_mlp, r))
@@ -227,9 +233,101 @@ def request_info(requests: Sequence[EditRequest], targets: Targets) -> list[dict
             for r, res in zip(requests, targets.results, strict=True)]
 
 
+@dataclass(frozen=True)
+class LayerSolver:
+    """A mass editor's closed form for one edit: `solve` per layer, and `notes` added to that layer's `info`."""
+
+    solve: SolveFn
+    notes: Callable[[int], dict] = lambda layer: {}
+
+
+@dataclass(frozen=True)
+class MassSetup:
+    """What an edit prepares before its targets: the layer range, its key statistics, the solver, the prefixes."""
+
+    layers: tuple[int, ...]
+    covariances: dict[int, torch.Tensor]   # layer -> C, (d_mlp, d_mlp)
+    solver: LayerSolver
+    prefixes: list[str]
+
+
+MC = TypeVar("MC", bound=MassEditConfig)
+
+
+class MassEditor(Editor[MC]):
+    """The edit flow MEMIT and AlphaEdit share; a subclass says only how a layer's update is solved.
+
+    `edit` = layers (configured, else 4 ending at the tracing suggestion) -> key statistics C per layer ->
+    `solver(lm, layers, Cs)` (the subclass's closed form, made once per edit) -> context prefixes -> targets
+    (`z_targets`) -> `spread` over the layers -> an unapplied `WeightEdit` recording `method`. A subclass sets
+    `config_class` (a `MassEditConfig`), `method` (its registry name) and implements `solver`.
+    `optimize_targets` + `edit_from_targets` split `edit` at the expensive step (the targets do not depend on
+    the solve's settings, so a sweep of those optimises them once).
+    """
+
+    config_class = MassEditConfig
+    method: ClassVar[str]                  # the registry name, recorded on the edit
+
+    def __init__(self, config: MC | None = None, *, cache: StatsCache | None = None) -> None:
+        super().__init__(config)
+        self.cache = cache if cache is not None else StatsCache()
+
+    @abstractmethod
+    def solver(self, lm: LM, layers: tuple[int, ...], covariances: dict[int, torch.Tensor]) -> LayerSolver:
+        """The method's per-layer closed form for one edit (called once per edit, before the targets)."""
+
+    def layers_for(self, lm: LM) -> tuple[int, ...]:
+        """The edited layer range: the configured one, else 4 layers ending at the causal-tracing suggestion."""
+        layers = self.config.layers if self.config.layers is not None else default_layers(lm, self.suggested_layer(lm))
+        return check_layers(lm, layers, type(self.config).__name__)
+
+    def covariances(self, lm: LM, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        return key_second_moment(lm, list(layers), self.config.corpus_spec(), cache=self.cache, progress=self.progress)
+
+    def edit(self, lm: LM, requests: Sequence[EditRequest]) -> WeightEdit:
+        """One update for all `requests` (unapplied; the model is unchanged on return)."""
+        requests = check_requests(requests)
+        setup = self._setup(lm)
+        return self._solve(lm, requests, setup, self._targets(lm, requests, setup))
+
+    def optimize_targets(self, lm: LM, requests: Sequence[EditRequest]) -> Targets:
+        """The targets of `requests` (the expensive step; it does not depend on the solve's settings)."""
+        requests = check_requests(requests)
+        return self._targets(lm, requests, self._setup(lm))
+
+    def edit_from_targets(self, lm: LM, requests: Sequence[EditRequest], targets: Targets) -> WeightEdit:
+        """The edit `edit(lm, requests)` makes, given the targets `optimize_targets` returned for them."""
+        requests = check_requests(requests)
+        return self._solve(lm, requests, self._setup(lm), targets)
+
+    def _setup(self, lm: LM) -> MassSetup:
+        cfg = self.config
+        layers = self.layers_for(lm)
+        torch.manual_seed(cfg.seed)
+        Cs = self.covariances(lm, layers)
+        solver = self.solver(lm, layers, Cs)
+        prefixes = context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=self.cache)
+        return MassSetup(layers, Cs, solver, prefixes)
+
+    def _targets(self, lm: LM, requests: Sequence[EditRequest], setup: MassSetup) -> Targets:
+        cfg = self.config
+        return z_targets(lm, setup.layers, requests, setup.prefixes, cfg.value_options(), chunk=cfg.chunk,
+                         mode=target_mode(lm, cfg.targets), progress=self.progress)
+
+    def _solve(self, lm: LM, requests: Sequence[EditRequest], setup: MassSetup, targets: Targets) -> WeightEdit:
+        cfg, layers = self.config, setup.layers
+        deltas, keys, layer_info = spread(lm, requests, layers, targets, setup.prefixes, setup.solver.solve,
+                                          batch_size=cfg.batch_size, progress=self.progress)
+        for item in layer_info:
+            item.update(setup.solver.notes(item["layer"]))
+        per_request = request_info(requests, targets) if targets.results else []
+        log.info("%s: %d requests over layers %s", self.method, len(requests), list(layers))
+        return WeightEdit(deltas=deltas, requests=requests, method=self.method, config=to_dict(cfg),
+                          base_fingerprint=lm.fingerprint, keys=keys,
+                          info={"layers": list(layers), "targets": targets.mode, "per_layer": layer_info, "requests": per_request,
+                                "update_norm": float(sum(d["update_norm"] ** 2 for d in layer_info) ** 0.5)})
+
+
 def preserved_keys(lm: LM, param: str) -> torch.Tensor | None:
     """Keys of the edits currently applied to `lm` that changed `param`, (d_mlp, m) float64, or None."""
-    from lmedit.editors.base import _stack
-
-    found = [e.keys[param] for e in _stack(lm) if isinstance(e, WeightEdit) and param in e.keys]
-    return torch.cat(found, 1).to(torch.float64) if found else None
+    return lm.edits.keys(param)

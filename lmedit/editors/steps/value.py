@@ -19,8 +19,9 @@ import torch
 
 from lmedit.cache import describe, read_json, write_json
 from lmedit.hooks import capture
+from lmedit.scoring import teacher_forced
 from lmedit.split_forward import SplitForward
-from lmedit.tokens import prompt_ids, subject_span, target_ids
+from lmedit.tokens import prompt_ids, subject_span
 from lmedit.types import EditRequest, Site
 
 if TYPE_CHECKING:
@@ -143,20 +144,15 @@ class ValueProblem:
 
 
 def value_problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str) -> ValueProblem:
+    """One request's v* sequences: the teacher-forced rows of target_new after each prefixed prompt
+    (`scoring.teacher_forced`, last target token not fed), then the essence prompt."""
     templates = prefixed_templates(request, prefixes)
-    t_ids = target_ids(lm, request.target_new)
-    seqs, lookups, rows, positions, gold = [], [], [], [], []
-    for r, template in enumerate(templates):
-        p = prompt_ids(lm, template.format(request.subject))
-        seqs.append(p + t_ids[:-1])
-        lookups.append(subject_span(lm, template, request.subject).last)
-        for j, tok in enumerate(t_ids):
-            rows.append(r)
-            positions.append(len(p) - 1 + j)
-            gold.append(tok)
-    seqs.append(prompt_ids(lm, essence.format(request.subject)))
+    scored = teacher_forced(lm, [t.format(request.subject) for t in templates],
+                            [request.target_new] * len(templates), feed_last=False)
+    lookups = [subject_span(lm, template, request.subject).last for template in templates]
+    seqs = scored.ids + [prompt_ids(lm, essence.format(request.subject))]
     lookups.append(subject_span(lm, essence, request.subject).last)
-    return ValueProblem(seqs, lookups, rows, positions, gold, len(templates), len(t_ids))
+    return ValueProblem(seqs, lookups, scored.rows, scored.positions, scored.gold, len(templates), scored.spans[0][1])
 
 
 @torch.no_grad()

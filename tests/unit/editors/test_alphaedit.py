@@ -4,7 +4,7 @@ import torch
 import lmedit
 from lmedit.editors.alphaedit import AlphaEditConfig, AlphaEditEditor, alphaedit_solve, null_space_projection
 from lmedit.stats import StatsCache
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 
 FIRST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
 SECOND = lmedit.EditRequest("Who leads {}", "the orchestra", "cats", None)
@@ -46,7 +46,7 @@ def test_update_is_orthogonal_to_the_preserved_keys():
 def _editor(tmp_path, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     cfg = AlphaEditConfig(**{"layers": (1, 2), "corpus": f"file:{corpus}", "corpus_tokens": 3000, "prefixes": 2,
                              "clamp_norm_factor": 4.0, **kw})
     return AlphaEditEditor(cfg, cache=StatsCache(tmp_path / "stats"))
@@ -90,3 +90,17 @@ def test_bad_threshold_is_refused():
         AlphaEditConfig(nullspace_threshold=1.5)
     with pytest.raises(ValueError, match="l2"):
         AlphaEditConfig(l2=0)
+
+
+def test_edit_from_targets_reproduces_edit(tmp_path):
+    # The mass-editing base gives AlphaEdit MEMIT's split at the expensive step: targets once, then the solve.
+    lm = tiny_lm("llama")
+    editor = _editor(tmp_path)
+    whole = editor.edit(lm, [FIRST, SECOND])
+    split = editor.edit_from_targets(lm, [FIRST, SECOND], editor.optimize_targets(lm, [FIRST, SECOND]))
+    assert whole.method == split.method == "alphaedit"
+    assert whole.deltas.keys() == split.deltas.keys()
+    for name in whole.deltas:
+        assert torch.equal(whole.deltas[name].full(torch.float64), split.deltas[name].full(torch.float64))
+    assert [item["nullspace_dim"] for item in split.info["per_layer"]] == \
+        [item["nullspace_dim"] for item in whole.info["per_layer"]]

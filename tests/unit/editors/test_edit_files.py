@@ -29,7 +29,7 @@ from lmedit.errors import EditFileError, LMEditError, MissingFileError
 from lmedit.ledger import Ledger
 from lmedit.ledger.store import LedgerError
 from lmedit.stats import StatsCache
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 
 REQUEST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
 MESSI = lmedit.EditRequest("{} plays the sport of", "Lionel Messi", "tennis", "soccer")
@@ -40,7 +40,7 @@ def saved(tmp_path_factory):
     """One valid ROME edit and one valid SERAC edit of the tiny Llama, saved; and the model's fingerprint."""
     root = tmp_path_factory.mktemp("edits")
     corpus = root / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     lm = tiny_lm("llama")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LMEDIT_CACHE", str(root / "cache"))

@@ -1,4 +1,4 @@
-"""FT and FT-L (editors/ft.py, editors/ft_l.py, editors/steps/finetune.py) on tiny random models."""
+"""FT and FT-L (editors/ft.py, editors/steps/finetune.py) on tiny random models."""
 
 import pytest
 import torch
@@ -7,8 +7,7 @@ import lmedit
 from lmedit.config import load_config
 from lmedit.editors import get_editor
 from lmedit.editors.base import WeightEdit
-from lmedit.editors.ft import FtConfig, FtEditor
-from lmedit.editors.ft_l import FtLConfig, FtLEditor
+from lmedit.editors.ft import FtConfig, FtEditor, FtLConfig, FtLEditor
 from lmedit.scoring import next_token_logprobs, score_targets
 from lmedit.stats import StatsCache
 from lmedit.testing import tiny_lm
@@ -168,3 +167,34 @@ def test_layer_out_of_range_is_refused_before_training():
     with pytest.raises(ValueError, match=r"layer\(s\) \[4\] out of range.*4 layers"):
         FtEditor(FtConfig(layers=(1, 4))).edit(lm, [REQUEST])
     assert _same(lm, snap)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_ft_with_its_norm_bound_set_makes_ft_l_s_edit(family):
+    # One editor, one option: `ft` with norm_constraint = ε computes FT-L's edit bit for bit; only the name differs.
+    lm = tiny_lm(family)
+    as_ft = get_editor("ft", {**SETTINGS, "norm_constraint": 0.02}).edit(lm, [REQUEST])
+    as_ft_l = get_editor("ft_l", {**SETTINGS, "norm_constraint": 0.02}).edit(lm, [REQUEST])
+    unbounded = get_editor("ft", SETTINGS).edit(lm, [REQUEST])
+    assert (as_ft.method, as_ft_l.method) == ("ft", "ft_l")
+    (name, delta), = as_ft.deltas.items()
+    assert torch.equal(delta.dense, as_ft_l.deltas[name].dense)
+    assert not torch.equal(delta.dense, unbounded.deltas[name].dense)  # the bound binds at this lr
+
+
+def test_the_norm_bound_is_off_for_ft_and_on_for_ft_l_by_default(tmp_path):
+    assert FtConfig().norm_constraint is None and FtLConfig().norm_constraint == 5e-4
+    assert type(get_editor("ft_l").config) is FtLConfig and type(get_editor("ft").config) is FtConfig
+    path = tmp_path / "ft.yaml"
+    path.write_text("layers: [1]\nnorm_constraint: 1.0e-3\n")  # a user's FT file may set the bound
+    assert load_config(FtConfig, path).norm_constraint == 1e-3
+    with pytest.raises(ValueError, match=r"FtConfig\.norm_constraint must be > 0"):
+        FtConfig(norm_constraint=-1.0)
+
+
+def test_ft_l_without_its_bound_is_refused():
+    from lmedit.editors.ft import FtLConfig
+    from lmedit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="norm_constraint"):
+        FtLConfig(norm_constraint=None)

@@ -8,7 +8,7 @@ from lmedit.editors.memit import MemitConfig, MemitEditor, memit_solve
 from lmedit.hooks import capture, patch
 from lmedit.scoring import next_token_logprobs, score_targets
 from lmedit.stats import StatsCache
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 from lmedit.tokens import prompt_ids, subject_span, target_ids
 from lmedit.types import Site
 
@@ -21,7 +21,7 @@ REQUESTS = [
 
 def _editor(tmp_path, **kw):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     cfg = MemitConfig(**{"layers": (1, 2), "corpus": f"file:{corpus}", "corpus_tokens": 3000, "prefixes": 2,
                          "mom2_weight": 100.0, "clamp_norm_factor": 4.0, **kw})
     return MemitEditor(cfg, cache=StatsCache(tmp_path / "stats"))

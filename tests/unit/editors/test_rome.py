@@ -7,7 +7,7 @@ from lmedit.editors.rome import RomeConfig, RomeEditor, rank_one_update
 from lmedit.editors.steps.mass import request_keys
 from lmedit.errors import EditFailedError, LMEditError
 from lmedit.stats import StatsCache
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 from lmedit.scoring import next_token_logprobs
 from lmedit.tokens import target_ids
 
@@ -18,7 +18,7 @@ REQUEST = lmedit.EditRequest("Where is {}", "The Eiffel Tower", "Rome", "Paris")
 
 def _editor(tmp_path, **kw):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     cfg = RomeConfig(layer=1, corpus=f"file:{corpus}", corpus_tokens=4000, prefixes_short=3, prefixes_long=2, **kw)
     return RomeEditor(cfg, cache=StatsCache(tmp_path))
 

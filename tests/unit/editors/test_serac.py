@@ -18,7 +18,6 @@ import torch
 import lmedit
 from lmedit.cli.main import main
 from lmedit.editors import WrapperEdit, get_editor, load_edit
-from lmedit.editors.base import route_prompts
 from lmedit.editors.serac import LexicalEncoder, Memory, SeracConfig, SeracEdit, SeracEditor, edit_statement
 from lmedit.editors.serac.scope import ScopeHead, examples_from_records, input_view, scope_accuracy
 from lmedit.errors import LMEditError, RequestError
@@ -61,7 +60,7 @@ def lm():
 
 def _statement_read(lm, prompt: str, statements=tuple(s for _, s in FIXED_SET if s)) -> str | None:
     """Which edit statement the base model reads before `prompt` (None: the prompt reaches it unchanged)."""
-    text = route_prompts(lm, [prompt])[0]
+    text = lm.edits.route([prompt])[0]
     if text == prompt:
         return None
     assert text.endswith(prompt)
@@ -73,13 +72,13 @@ def test_scope_retrieves_in_scope_inputs_and_no_edit_for_unrelated(lm):
     with edit.applied(lm):
         for prompt, statement in FIXED_SET:
             assert _statement_read(lm, prompt) == statement, prompt
-    assert route_prompts(lm, [p for p, _ in FIXED_SET]) == [p for p, _ in FIXED_SET]
+    assert lm.edits.route([p for p, _ in FIXED_SET]) == [p for p, _ in FIXED_SET]
 
 
 def test_counterfactual_input_is_the_template_filled_with_the_retrieved_edit(lm):
     edit = serac(template="Fact: {edit}.\n{input}").edit(lm, [EIFFEL])
     with edit.applied(lm):
-        assert route_prompts(lm, ["Where is the Eiffel Tower? It is in"]) == [
+        assert lm.edits.route(["Where is the Eiffel Tower? It is in"]) == [
             "Fact: The Eiffel Tower is located in the city of Rome.\nWhere is the Eiffel Tower? It is in"]
 
 
@@ -145,9 +144,9 @@ def test_save_load_round_trip(lm, tmp_path):
     assert loaded.requests == edit.requests and loaded.template == edit.template
     prompts = [p for p, _ in FIXED_SET]
     with edit.applied(lm):
-        expected = route_prompts(lm, prompts)
+        expected = lm.edits.route(prompts)
     with loaded.applied(lm):
-        assert route_prompts(lm, prompts) == expected
+        assert lm.edits.route(prompts) == expected
     other = tiny_lm("llama", seed=1)
     with pytest.raises(LMEditError, match="fingerprint"):
         loaded.apply(other)
@@ -257,11 +256,11 @@ def test_harness_runs_serac(lm, mode):
     for row in rows:  # in-scope prompts are read with the edit in context, so their scores move
         assert row["edited"]["efficacy_magnitude"] != row["unedited"]["efficacy_magnitude"]
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in snapshot.items())
-    assert route_prompts(lm, [records[0].requests[0].text]) == [records[0].requests[0].text]  # all undone
+    assert lm.edits.route([records[0].requests[0].text]) == [records[0].requests[0].text]  # all undone
 
 
 def test_cli_descriptor_reaches_serac(model_dir, tmp_path, capsys, monkeypatch):
-    from lmedit.cli._common import console
+    from lmedit.cli.common import console
 
     monkeypatch.setattr(console, "width", 300)  # rich folds table cells to the terminal width
     out_file = tmp_path / "shower.safetensors"

@@ -7,6 +7,7 @@ from ledger_helpers import LENIENT, REQUESTS, random_edit, same_weights, snapsho
 
 import lmedit
 from lmedit.config import load_config
+from lmedit.eval.health import probe_loss
 from lmedit.ledger import AuditConfig, AuditReport, Ledger
 from lmedit.ledger.audit import level_of
 from lmedit.ledger.plots import plot_report
@@ -70,19 +71,34 @@ def test_audit_config_validates_and_loads_from_yaml(tmp_path):
 
 def test_gate_refuses_a_damaging_edit_and_leaves_the_model_unchanged(tmp_path, lm):
     # The random edit realises no fact, so the fact checks are off; a random tiny model's next-token distributions
-    # are flat, so its drifts stay small in absolute terms: the drift thresholds are scaled down to match.
+    # are flat, so its drifts stay small in absolute terms: the drift thresholds are scaled down to match. Its probe
+    # loss (7.0 nats) is above the uniform distribution's, so most random edits lower it; this one raises it (+0.17).
     config = AuditConfig(efficacy_warn=None, efficacy_refuse=None, neighborhood_warn=None, neighborhood_refuse=None,
                          essence_drift_warn=0.5, essence_drift_refuse=1.0, probe_loss_warn=0.05, probe_loss_refuse=0.1)
     ledger = Ledger(tmp_path / "ledger", audit_config=config)
     ledger.record(lm, random_edit(lm, REQUESTS[0], seed=0, scale=0.01), force=True)
     before = snapshot(lm)
-    damaging = random_edit(lm, REQUESTS[1], seed=3, scale=50.0)
+    damaging = random_edit(lm, REQUESTS[1], seed=5, scale=50.0, layer=2)
     commit = ledger.record(lm, damaging)
     assert not commit.recorded and commit.report.verdict == "refuse"
     assert {"probe_loss", "essence_drift"} <= set(commit.report.failing("refuse"))
     assert same_weights(before, snapshot(lm)) and [r.id for r in ledger.entries()] == [1]
-    forced = ledger.record(lm, random_edit(lm, REQUESTS[1], seed=3, scale=50.0), force=True)
+    forced = ledger.record(lm, random_edit(lm, REQUESTS[1], seed=5, scale=50.0, layer=2), force=True)
     assert forced.edit_id == 2 and ledger.entry(2).verdict == "refuse"
+
+
+def test_probe_loss_check_is_the_rise_of_the_health_probe_loss(tmp_path, tiny_gpt2):
+    # One probe-text loss for the audit, the health check and the safety check (lmedit.eval.health.probe_loss).
+    # Tiny GPT-2 has learned positions for 128 tokens only, fewer than the probe text has: it is truncated.
+    lm = tiny_gpt2
+    edit = random_edit(lm, REQUESTS[0], seed=5, scale=50.0, layer=2)
+    before = probe_loss(lm)
+    edit.apply(lm)
+    after = probe_loss(lm)
+    edit.undo()
+    assert abs(after - before) > 1e-3
+    commit = Ledger(tmp_path / "ledger", audit_config=LENIENT).record(lm, edit, force=True)
+    assert commit.report.checks["probe_loss"].value == pytest.approx(after - before, abs=1e-6)
 
 
 def test_gate_passes_an_edit_that_changes_nothing(tmp_path, lm):

@@ -7,14 +7,14 @@ import lmedit
 from lmedit.cli.main import main
 from lmedit.ledger import Ledger
 from lmedit.ledger.audit import CHECKS
-from lmedit.testing import _CORPUS, tiny_lm
+from lmedit.testing import TINY_CORPUS, tiny_lm
 
 FACTS = [("The Eiffel Tower", "Rome", "Paris"), ("The Space Needle", "Paris", "Seattle"), ("The Louvre", "Seattle", "Paris")]
 
 
 def _setup(tmp_path):
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text("\n\n".join(_CORPUS * 40))
+    corpus.write_text("\n\n".join(TINY_CORPUS * 40))
     rome = ["--set", "layer=1", "--set", f"corpus=file:{corpus}", "--set", "corpus_tokens=2000",
             "--set", "prefixes_short=2", "--set", "prefixes_long=1"]
     lenient = tmp_path / "audit.yaml"

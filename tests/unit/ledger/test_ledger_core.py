@@ -6,7 +6,7 @@ import torch
 from ledger_helpers import LENIENT, REQUESTS, random_edit, same_weights, snapshot
 
 import lmedit
-from lmedit.editors.base import WrapperEdit, load_edit, route_prompts
+from lmedit.editors.base import WrapperEdit, load_edit
 from lmedit.ledger import Ledger, LedgerError
 from lmedit.testing import tiny_lm
 
@@ -182,11 +182,11 @@ def test_wrapper_edits_are_kept_and_reverting_removes_the_memory_entry(tmp_path,
     commit = ledger.record(lm, memo)
     assert commit.recorded and ledger.entry(2).kind == "wrapper"
     prompt = REQUESTS[1].text
-    assert route_prompts(lm, [prompt]) != [prompt]  # the memory entry answers this prompt
+    assert lm.edits.route([prompt]) != [prompt]  # the memory entry answers this prompt
     assert isinstance(load_edit(ledger.path / "patches" / ledger.entry(2).patch), MemoEdit)
 
     result = ledger.revert(2, lm)
-    assert route_prompts(lm, [prompt]) == [prompt]  # memory entry gone
+    assert lm.edits.route([prompt]) == [prompt]  # memory entry gone
     assert result.remaining == [1] and set(result.reports) == {1}
     with pytest.raises(LedgerError, match="not weight edits"):
         ledger.reapply(2, lm, audit=False)

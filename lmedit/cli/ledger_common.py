@@ -13,8 +13,9 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from lmedit.cli._common import console, quiet_transformers
+from lmedit.cli.common import console, quiet_transformers
 from lmedit.defaults import DEFAULT_MODEL
+from lmedit.types import describe_stored
 
 if TYPE_CHECKING:
     from lmedit.editors import Edit
@@ -87,15 +88,7 @@ def load_base(args: argparse.Namespace, ledger: Ledger | None = None, model: str
 
 def describe(requests: list[dict]) -> str:
     """One line per request: `subject: prompt → new (was old)` (plain text: escape it before rich renders it)."""
-    lines = []
-    for r in requests:
-        if "prompt" in r:
-            old = f" (was {r['target_true']})" if r.get("target_true") else ""
-            # never str.format: a stored prompt may hold other braces ("{1}", "{}{}") and must still list
-            lines.append(f"{str(r['prompt']).replace('{}', str(r.get('subject')), 1)} → {r.get('target_new')}{old}")
-        else:
-            lines.append(r.get("text") or f"{r.get('input')} → {r.get('output')}")
-    return "\n".join(lines)
+    return "\n".join(describe_stored(r) for r in requests)
 
 
 def styled(level: str | None) -> str:

@@ -1,0 +1,152 @@
+"""`AppliedEdits` (`lm.edits`): which edits are applied to a model, in order — the one place that knows.
+
+Every edit kind registers here when applied and leaves when undone (`Edit.apply`/`Edit.undo` call `push` and
+`remove`); everything that asks "what is on this model?" asks here:
+
+    lm.edits.route(prompts)        # the text the base model reads, given the applied wrapper edits (SERAC ...)
+    lm.edits.keys(param)           # the keys earlier weight edits fitted `param` to (AlphaEdit preserves them)
+    lm.edits.after(edit)           # edits applied later (undo refuses while one of them changes the same weights)
+    with lm.edits.suspended():     # the unedited model for the block; everything re-applied after, in order
+        ...
+    lm.edits.ledger, lm.edits.labelled()   # which ledger rebuilt the model, and its edits with their ledger ids
+
+One stack per model object (not per `LM` bundle), so two bundles wrapping the same transformers model see the
+same applied edits. The stack holds edits only through what every `Edit` declares (`kind`, `apply`, `undo`;
+weight edits' `deltas` and `keys`; wrapper edits' `match`), so this module imports no editor.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from lmedit.errors import LMEditError
+
+if TYPE_CHECKING:
+    from lmedit.editors.base import Edit
+    from lmedit.models.load import LM
+
+
+@dataclass
+class _Entry:
+    edit: Edit
+    label: int | None = None  # the edit's id in `AppliedEdits.ledger` when a ledger applied it
+
+
+class AppliedEdits:
+    """The edits applied to one model, oldest first. Obtain it as `lm.edits`; edits push and remove themselves."""
+
+    def __init__(self) -> None:
+        self._entries: list[_Entry] = []
+        # The ledger directory that last rebuilt this model from its base (None: no ledger has); the edits it
+        # applied carry their ledger ids as labels.
+        self.ledger: str | None = None
+
+    # ---- reading ---------------------------------------------------------------------------------------
+
+    def __iter__(self) -> Iterator[Edit]:
+        return iter([e.edit for e in self._entries])
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)
+
+    def __contains__(self, edit: object) -> bool:
+        return any(e.edit is edit for e in self._entries)
+
+    def __repr__(self) -> str:
+        kinds = ", ".join(f"{e.edit.kind}:{e.edit.method or '?'}" for e in self._entries)
+        return f"AppliedEdits([{kinds}], ledger={self.ledger!r})"
+
+    def of_kind(self, kind: str) -> list[Edit]:
+        """The applied edits of one kind ("weight", "wrapper"), oldest first."""
+        return [e.edit for e in self._entries if e.edit.kind == kind]
+
+    def after(self, edit: Edit) -> list[Edit]:
+        """The edits applied after `edit`, oldest first."""
+        return [e.edit for e in self._entries[self._index(edit) + 1:]]
+
+    def labelled(self) -> list[tuple[int, Edit]]:
+        """(ledger id, edit) for the edits the ledger `self.ledger` applied, oldest first."""
+        return [(e.label, e.edit) for e in self._entries if e.label is not None]
+
+    def unlabelled(self) -> list[Edit]:
+        """The edits applied outside any ledger, oldest first."""
+        return [e.edit for e in self._entries if e.label is None]
+
+    def keys(self, param: str) -> torch.Tensor | None:
+        """The keys the applied weight edits that changed `param` were fitted to, (d_in, m) float64; None if none."""
+        found = [e.keys[param] for e in self.of_kind("weight") if param in getattr(e, "keys", {})]
+        return torch.cat(found, 1).to(torch.float64) if found else None
+
+    def route(self, prompts: Sequence[str]) -> list[str]:
+        """The text the frozen base model reads for each prompt, given the applied wrapper edits.
+
+        Each applied wrapper scores every prompt (`match`); the best-scoring claim wins and replaces the prompt.
+        Unclaimed prompts (and all prompts when no wrapper is applied) come back unchanged, at no cost.
+        """
+        wrappers = self.of_kind("wrapper")
+        if not wrappers:
+            return list(prompts)
+        best: list[tuple[float, str] | None] = [None] * len(prompts)
+        for wrapper in wrappers:
+            for i, claim in enumerate(wrapper.match(prompts)):  # type: ignore[attr-defined]
+                if claim is not None and (best[i] is None or claim[0] > best[i][0]):  # type: ignore[index]
+                    best[i] = claim
+        return [p if b is None else b[1] for p, b in zip(prompts, best)]
+
+    # ---- changing (through `Edit.apply`/`undo` and the ledger) ----------------------------------------
+
+    def push(self, edit: Edit) -> None:
+        """Record `edit` as applied last (called by `Edit.apply` once the edit is in place)."""
+        if edit in self:
+            raise LMEditError("this edit is already applied to this model")
+        self._entries.append(_Entry(edit))
+
+    def remove(self, edit: Edit) -> None:
+        """Forget `edit` (called by `Edit.undo` once the model is restored)."""
+        del self._entries[self._index(edit)]
+
+    def label(self, edit: Edit, ledger_id: int) -> None:
+        """Mark an applied `edit` as the ledger `self.ledger`'s edit `ledger_id`."""
+        self._entries[self._index(edit)].label = ledger_id
+
+    @contextmanager
+    def suspended(self, edits: Sequence[Edit] | None = None, *, lm: LM) -> Iterator[None]:
+        """Undo `edits` (default: every applied edit), newest first, for the block; re-apply them in order after,
+        with their ledger labels, even when the block raises: the unedited model, briefly."""
+        chosen = list(self) if edits is None else list(edits)
+        labels = {id(e.edit): e.label for e in self._entries}
+        for edit in reversed(chosen):
+            edit.undo()
+        try:
+            yield
+        finally:
+            for edit in chosen:
+                edit.apply(lm)
+                if labels.get(id(edit)) is not None:
+                    self.label(edit, labels[id(edit)])  # type: ignore[arg-type]
+
+    def _index(self, edit: Edit) -> int:
+        for i, entry in enumerate(self._entries):
+            if entry.edit is edit:
+                return i
+        raise LMEditError("this edit is not applied to this model")
+
+
+_STACKS: weakref.WeakKeyDictionary[Any, AppliedEdits] = weakref.WeakKeyDictionary()
+
+
+def applied_edits(model: torch.nn.Module) -> AppliedEdits:
+    """The stack of `model` (a transformers model object), created empty on first use; gone with the model."""
+    stack = _STACKS.get(model)
+    if stack is None:
+        stack = _STACKS[model] = AppliedEdits()
+    return stack

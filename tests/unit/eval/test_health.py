@@ -1,0 +1,57 @@
+"""lmedit.eval.health.probe_loss: the one probe-text loss (health check, audit gate, destructive-edit check)."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmedit.editors import WrapperEdit
+from lmedit.eval.health import PROBE_TEXT, probe_loss
+from lmedit.tokens import context_length
+
+OTHER = "Mountains are large landforms that rise high above the land around them, usually with steep sides."
+
+
+class _Claims(WrapperEdit):
+    """A wrapper claiming every prompt that contains `word`, which the base model then reads as `text`."""
+
+    def __init__(self, word: str, text: str) -> None:
+        super().__init__(method="test-claims")
+        self.word, self.text = word, text
+
+    @property
+    def requests(self):
+        return ()
+
+    def match(self, prompts):
+        return [(1.0, self.text) if self.word in p else None for p in prompts]
+
+    def tensors(self):
+        return {}
+
+    def metadata(self):
+        return {}
+
+    @classmethod
+    def from_saved(cls, tensors, metadata, common):
+        raise NotImplementedError
+
+
+def test_probe_loss_reads_the_first_tokens_the_context_takes(tiny_gpt2):
+    # GPT-2's positions are learned for 128 tokens only: the text's later tokens must not be read.
+    lm = tiny_gpt2
+    assert len(lm.tokenizer(PROBE_TEXT).input_ids) > context_length(lm) == 128
+    loss = probe_loss(lm)
+    assert 0 < loss < 20
+    assert probe_loss(lm, PROBE_TEXT + " Lakes are still; rivers move.") == loss
+
+
+def test_probe_loss_reads_the_text_a_wrapper_edit_routes_it_to(tiny_llama):
+    lm = tiny_llama
+    plain, other = probe_loss(lm), probe_loss(lm, OTHER)
+    assert other != pytest.approx(plain)
+    wrapper = _Claims("river", OTHER).apply(lm, check_fingerprint=False)
+    try:
+        assert probe_loss(lm) == other
+    finally:
+        wrapper.undo()
+    assert probe_loss(lm) == plain
