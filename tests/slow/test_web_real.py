@@ -35,7 +35,7 @@ def test_the_web_flow_on_the_default_model(tmp_path):
         try:
             with served(args, env={"GRADIO_TEMP_DIR": str(tmp_path / "gradio")}, log=tmp_path / "server.log",
                         timeout=300, cwd=tmp_path) as url:
-                seen = run_flow(Page(browser.result(), url), n_layers=18, samples=1, compare=("ft_l", "ike"),
+                seen = run_flow(Page(browser.result(), url), n_layers=18, samples=1, compare=("ft", "ft_l"),
                                 trace={"trace-prompt": "The Space Needle is in downtown",
                                        "trace-subject": "The Space Needle"},
                                 edit={"edit-prompt": "{} is located in the city of", "edit-subject": "The Eiffel Tower",
