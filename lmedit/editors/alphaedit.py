@@ -24,7 +24,7 @@ import torch
 
 from lmedit.cache import read_tensors, write_tensors
 from lmedit.config import check_ranges
-from lmedit.editors.steps.mass import LayerSolver, MassEditConfig, MassEditor, preserved_keys
+from lmedit.editors.steps.mass import LayerSolver, MassEditConfig, MassEditor
 from lmedit.registry import editors
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class AlphaEditEditor(MassEditor[AlphaEditConfig]):
         n_prev: dict[int, int] = {}
 
         def solve(layer: int, K: torch.Tensor, D: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            K_prev = preserved_keys(lm, lm.arch.param_name(lm.model, layer, "mlp_out"))
+            K_prev = lm.edits.keys(lm.arch.param_name(lm.model, layer, "mlp_out"))  # earlier edits' keys
             n_prev[layer] = 0 if K_prev is None else K_prev.shape[1]
             C = covariances[layer]
             alpha = cfg.l2 * float(torch.trace(C)) / C.shape[0]

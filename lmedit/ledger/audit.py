@@ -308,6 +308,20 @@ def audit_record(lm: LM, request: EditRequest, *, paraphrases: Sequence[str] = (
                         generic_neighbors=config.generic_neighbors, context_paraphrases=config.context_paraphrases)
 
 
+def edit_states(edit: Any, lm: LM) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(take `edit` off `lm` if it is on, put it on if it is off): the two states an audit of `edit` compares."""
+
+    def without() -> None:
+        if edit.is_applied:
+            edit.undo()
+
+    def with_edit() -> None:
+        if not edit.is_applied:
+            edit.apply(lm)
+
+    return without, with_edit
+
+
 def audit_edit(lm: LM, edit: Any, *, paraphrases: Sequence[str] = (), neighbors: Sequence[tuple[str, str]] = (),
                config: AuditConfig | None = None, records: Sequence[EvalRecord] | None = None) -> AuditReport:
     """Audit an edit against the model without it, and record nothing: the ledger's gate on its own.
@@ -337,8 +351,8 @@ def audit_edit(lm: LM, edit: Any, *, paraphrases: Sequence[str] = (), neighbors:
         if not records:
             report = unaudited_report(lm, config)
         else:
-            report = run_audit(lm, {0: list(records)}, to_reference=lambda: edit.undo() if edit.is_applied else None,
-                               to_edited=lambda: None if edit.is_applied else edit.apply(lm), config=config,
+            without, with_edit = edit_states(edit, lm)
+            report = run_audit(lm, {0: list(records)}, to_reference=without, to_edited=with_edit, config=config,
                                reference="model without the edit")[0]
     finally:
         if was_applied and not edit.is_applied:

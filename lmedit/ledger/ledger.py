@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -34,7 +34,7 @@ import torch
 
 from lmedit.config import to_dict
 from lmedit.editors import Edit, EditorConfig, WeightEdit, load_edit
-from lmedit.ledger.audit import AuditConfig, AuditReport, audit_record, run_audit, unaudited_report
+from lmedit.ledger.audit import AuditConfig, AuditReport, audit_record, edit_states, run_audit, unaudited_report
 from lmedit.ledger.probes import build_record, record_from_dict, record_to_dict
 from lmedit.ledger.store import (EditRow, LedgerError, Store, file_sha256, new_patch_name, now, test_pause)
 from lmedit.models.load import weights_fingerprint
@@ -287,7 +287,7 @@ class Ledger:
         # Triplet requests are audited; edit descriptors (free-text edits of wrapper methods) have no probes.
         records = [audit_record(lm, r, paraphrases=paraphrases, neighbors=neighbors, config=self.audit_config)
                    for r in edit.requests if isinstance(r, EditRequest)]
-        without, with_edit = _toggles(edit, lm)
+        without, with_edit = edit_states(edit, lm)
 
         if records:
             report = run_audit(lm, {0: records}, to_reference=without, to_edited=with_edit, config=self.audit_config,
@@ -401,7 +401,7 @@ class Ledger:
         self._ensure(lm, self.applied_ids())
         edit = self.load_edit(edit_id)
 
-        without, with_edit = _toggles(edit, lm)
+        without, with_edit = edit_states(edit, lm)
 
         try:
             report = run_audit(lm, {edit_id: self.records(edit_id)}, to_reference=without, to_edited=with_edit,
@@ -439,16 +439,3 @@ class Ledger:
 
         return replay(self, onto, into=into, config_dir=config_dir, force=force)
 
-
-def _toggles(edit: Edit, lm: LM) -> tuple[Callable[[], None], Callable[[], None]]:
-    """(take `edit` off `lm` if it is on, put it on if it is off): the two states an audit compares."""
-
-    def without() -> None:
-        if edit.is_applied:
-            edit.undo()
-
-    def with_edit() -> None:
-        if not edit.is_applied:
-            edit.apply(lm)
-
-    return without, with_edit

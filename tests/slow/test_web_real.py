@@ -5,7 +5,7 @@ with the shipped settings and the audit gate's default thresholds: trace the Spa
 the README's Eiffel Tower → Rome edit by the default method with its audit, undo, two methods compared, the
 edit recorded through the gate and reverted in the Ledger tab. Generations are short (4 tokens, in the table
 and in the audits' fluency check) and the trace takes one noise sample: on one core the audits' measurements
-are most of the time. It prints the seconds of each step and takes a screenshot of each tab:
+are most of the time (step times are benchmarks/bench_web.py's job). It takes a screenshot of each tab:
 into `$LMEDIT_WEB_SCREENSHOTS` when set (`LMEDIT_WEB_SCREENSHOTS=docs/figures` refreshes the README's),
 else into the test's temporary directory.
 """
@@ -44,7 +44,6 @@ def test_the_web_flow_on_the_default_model(tmp_path):
                                 timeout=240)
         finally:
             browser.result().quit()
-    print(f"\nweb flow on gemma3-270m, seconds per step: {seen['timings']}")
     assert "answer 'Seattle'" in str(seen["trace"]), seen["trace"]
     assert "audit: keep" in str(seen["verdict"]) or "audit: warn" in str(seen["verdict"]), seen["verdict"]
     for tab in ("trace", "edit", "compare", "ledger"):

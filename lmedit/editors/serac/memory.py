@@ -150,17 +150,8 @@ class SeracEdit(WrapperEdit, wrapper="serac"):
     @property
     def encoder(self) -> SentenceEncoder:
         if self._encoder is None:
-            self._encoder = self._shared_encoder() or load_encoder(self.encoder_name)
+            self._encoder = load_encoder(self.encoder_name)  # one per process, shared
         return self._encoder
-
-    def _shared_encoder(self) -> SentenceEncoder | None:
-        # Reuse the encoder of another applied SERAC edit (loading MiniLM takes seconds; its cache is shared too).
-        if self._lm is None:
-            return None
-        for other in self._lm.edits.of_kind("wrapper"):
-            if isinstance(other, SeracEdit) and other._encoder is not None and other.encoder_name == self.encoder_name:
-                return other._encoder
-        return None
 
     def scores(self, prompts: Sequence[str]) -> torch.Tensor:
         """Scope logits (n_prompts, n_entries); > 0 means in scope."""

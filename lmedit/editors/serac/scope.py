@@ -23,6 +23,7 @@ Not handled: the paper's cross-encoder classifier (more accurate, one forward pe
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -158,8 +159,10 @@ class LexicalEncoder(SentenceEncoder):
         return torch.nn.functional.normalize(out, dim=-1)
 
 
+@functools.cache
 def load_encoder(name: str) -> SentenceEncoder:
-    """A new encoder by config name ("minilm", "lexical")."""
+    """The encoder of a config name ("minilm", "lexical"), loaded once per process and shared by every editor and
+    edit that reads sentences (SERAC, IKE): encoders are frozen, and loading MiniLM takes seconds."""
     if name == "minilm":
         return MiniLMEncoder()
     if name == "lexical":

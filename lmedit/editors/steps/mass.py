@@ -326,8 +326,3 @@ class MassEditor(Editor[MC]):
                           base_fingerprint=lm.fingerprint, keys=keys,
                           info={"layers": list(layers), "targets": targets.mode, "per_layer": layer_info, "requests": per_request,
                                 "update_norm": float(sum(d["update_norm"] ** 2 for d in layer_info) ** 0.5)})
-
-
-def preserved_keys(lm: LM, param: str) -> torch.Tensor | None:
-    """Keys of the edits currently applied to `lm` that changed `param`, (d_mlp, m) float64, or None."""
-    return lm.edits.keys(param)
