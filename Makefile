@@ -35,7 +35,7 @@ browser:
 	fi
 
 test: $(STAMP) browser
-	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile --durations=15
+	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile --no-loadscope-reorder --durations=15
 
 test-fast: $(STAMP) browser
 	$(PY) -m pytest -q -p no:cacheprovider -n auto --dist loadfile -m "not slow"

@@ -220,7 +220,28 @@ def _number(pattern: str, text: str) -> float:
     return float(found.group(1))
 
 
-def run_flow(page: Page, *, n_layers: int, trace: dict[str, str], edit: dict[str, str], compare: tuple[str, str],
+def _compare(page: Page, edit: dict[str, str], compare: tuple[str, ...], timeout: float, seen: dict[str, object],
+             shot) -> None:
+    """The Compare tab: the edit's request by each of `compare`'s methods, one table and one chart."""
+    page.tab("Compare")
+    for elem_id, value in edit.items():
+        page.fill(elem_id.replace("edit-", "compare-"), value)
+    for label in page.element("compare-methods").find_elements("css selector", "input:checked"):
+        label.click()  # start from none chosen
+    for method in compare:
+        page.choose("compare-methods", method)
+    text = page.run("compare-button", "compare-status", r"compared|error", "the comparison", timeout)
+    assert f"compared {len(compare)} method(s)" in text and "failed" not in text, text
+    table = {row[0]: row for row in page.wait_table("compare-table", "the comparison table")}
+    assert set(compare) <= set(table) and "(before the edit)" in table, table
+    for method in compare:
+        assert re.fullmatch(r"[01]\.\d{3}", table[method][1]) and float(table[method][6]) > 0, table[method]
+    page.wait(lambda: page.images("compare-chart"), "the comparison chart")
+    seen["compare"] = table
+    shot("compare")
+
+
+def run_flow(page: Page, *, n_layers: int, trace: dict[str, str], edit: dict[str, str], compare: tuple[str, ...],
              settings: str | None = None, neighbour: str = "", samples: int = 2,
              screenshots: Path | None = None, timeout: float = 120.0) -> dict[str, object]:
     """Trace, a refused request, an edit with its audit, undo, a comparison of two methods, recording the
@@ -228,6 +249,7 @@ def run_flow(page: Page, *, n_layers: int, trace: dict[str, str], edit: dict[str
 
     Args:
         trace / edit: field values by elem_id (the Trace tab's prompt and subject; the Edit tab's request).
+        compare: the methods the Compare tab compares (empty: that step is skipped).
         settings: YAML replacing the Edit tab's settings (None: keep the shipped settings it shows).
         screenshots: where to save a PNG of each tab (None: none).
     """
@@ -289,22 +311,8 @@ def run_flow(page: Page, *, n_layers: int, trace: dict[str, str], edit: dict[str
     assert "unrecorded" not in page.text("model-state")
 
     # Compare: two methods, one table and one chart.
-    page.tab("Compare")
-    for elem_id, value in edit.items():
-        page.fill(elem_id.replace("edit-", "compare-"), value)
-    for label in page.element("compare-methods").find_elements("css selector", "input:checked"):
-        label.click()  # start from none chosen
-    for method in compare:
-        page.choose("compare-methods", method)
-    text = page.run("compare-button", "compare-status", r"compared|error", "the comparison", timeout)
-    assert "compared 2 method(s)" in text and "failed" not in text, text
-    table = {row[0]: row for row in page.wait_table("compare-table", "the comparison table")}
-    assert set(compare) <= set(table) and "(before the edit)" in table, table
-    for method in compare:
-        assert re.fullmatch(r"[01]\.\d{3}", table[method][1]) and float(table[method][6]) > 0, table[method]
-    page.wait(lambda: page.images("compare-chart"), "the comparison chart")
-    seen["compare"] = table
-    shot("compare")
+    if compare:
+        _compare(page, edit, compare, timeout, seen, shot)
 
     # Record the (undone) edit through the ledger's gate, then look at it in the Ledger tab and revert it.
     page.tab("Edit")

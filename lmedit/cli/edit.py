@@ -224,14 +224,14 @@ def run(args: argparse.Namespace) -> int:
         able = [n for n in editors.names() if editors.get(n).accepts_descriptors]
         raise RequestError(f"--method {args.method} edits (prompt, subject, target) triplets only; edit descriptors "
                            f"need an editor that accepts them: {', '.join(able)}")
-    if args.ledger:  # a damaged ledger is refused before the model loads
-        from lmedit.ledger.store import preflight
-
-        preflight(Path(args.ledger).expanduser())
+    # An existing ledger is opened (and a damaged one refused) before the model loads; a new one is created after.
+    existing = bool(args.ledger) and Path(args.ledger).expanduser().is_dir()
+    ledger = open_ledger(args) if existing else None
     lm = load_model(args)
     editor, _ = resolve_editor(args.method, lm, args.config, args.set)
     console.print(describe(editor, lm), markup=False, highlight=False)
-    ledger = open_ledger(args) if args.ledger else None
+    if args.ledger and ledger is None:
+        ledger = open_ledger(args)
     if ledger is not None:
         ledger.apply(lm)  # the new edit is made on top of the ledger's applied edits
     rows = _probe(lm, requests, args.probe)

@@ -10,7 +10,11 @@ and flag an edit as disabling when the probe loss rose by more than a threshold 
 
 `probe_loss` is lmedit's one probe-text loss: the same function and text serve this health check, the
 ledger's audit gate (`lmedit.ledger.audit`, its `probe_loss` check) and the destructive-edit check before
-an edit is applied (`lmedit.editors.safety`).
+an edit is applied (`lmedit.editors.safety`). Those ask for the same model states one after another (the
+state before an edit, then with it: checked for safety, then audited), so the last few values are kept per
+model object, keyed by the text the model reads, the applied edits (`lm.edits`, by identity) and the
+weights' fingerprint (`lmedit.models.load.weights_fingerprint`, which also catches changes made outside
+`lm.edits`).
 
 Not handled: generation-based collapse checks (fluency is measured by the evaluation's generation metrics).
 """
@@ -18,11 +22,13 @@ Not handled: generation-based collapse checks (fluency is measured by the evalua
 from __future__ import annotations
 
 import math
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from lmedit.editors.base import Edit, WeightEdit
+from lmedit.models.load import weights_fingerprint
 from lmedit.scoring import routed
 from lmedit.tokens import context_length
 
@@ -56,9 +62,24 @@ def probe_loss(lm: LM, text: str = PROBE_TEXT) -> float:
         The loss in nats per token.
     """
     text = routed(lm, [text])[0]
+    # The applied edits themselves are in the key (not their ids, which a later edit could reuse); the few
+    # entries kept per model hold them alive.
+    key = (text, tuple(lm.edits), weights_fingerprint(lm.model), lm.tokenizer)
+    known = _LOSSES.setdefault(lm.model, [])
+    for state, loss in known:
+        if state[0] == key[0] and state[2] == key[2] and state[3] is key[3] and len(state[1]) == len(key[1]) \
+                and all(a is b for a, b in zip(state[1], key[1])):
+            return loss
     ids = lm.tokenizer(text, return_tensors="pt").input_ids[:, :context_length(lm)].to(lm.device)
     logits = lm.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    return float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+    loss = float(torch.nn.functional.cross_entropy(logits, ids[0, 1:]))
+    known.append((key, loss))
+    del known[:-_KEPT]
+    return loss
+
+
+_KEPT = 4  # model states remembered per model (an audit or safety check compares two)
+_LOSSES: weakref.WeakKeyDictionary[torch.nn.Module, list[tuple[tuple[Any, ...], float]]] = weakref.WeakKeyDictionary()
 
 
 def update_norm(edit: Edit) -> float | None:

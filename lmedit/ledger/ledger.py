@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -260,11 +260,17 @@ class Ledger:
         return self.record(lm, made, force=force, paraphrases=paraphrases, neighbors=neighbors)
 
     def record(self, lm: LM, edit: Edit, *, force: bool = False, paraphrases: Sequence[str] = (),
-               neighbors: Sequence[tuple[str, str]] = (), source: str = "edit") -> CommitResult:
+               neighbors: Sequence[tuple[str, str]] = (), source: str = "edit",
+               audited: AuditReport | None = None) -> CommitResult:
         """Audit an unapplied `edit` made on `lm` in the ledger's current state, and record it unless refused.
 
         The audit compares the ledger's current state (reference) with it plus `edit`. A refused edit is
         undone and not recorded (unless `force`); a recorded one stays applied on `lm`.
+
+        `audited`: the report of `audit_edit(lm, edit, ..., config=self.audit_config)` with the same
+        paraphrases and neighbours, made while `lm` was in the ledger's current state (the web app audits
+        an edit before the user records it). The gate then takes its verdict instead of measuring the same
+        two states again; the caller vouches for the state, the report's model hash is checked.
         """
         if edit.is_applied:
             raise LedgerError("record() takes an unapplied edit (the audit applies it itself)")
@@ -289,7 +295,15 @@ class Ledger:
                    for r in edit.requests if isinstance(r, EditRequest)]
         without, with_edit = edit_states(edit, lm)
 
-        if records:
+        if records and audited is not None:
+            if audited.fingerprint != lm.fingerprint:
+                raise LedgerError("the audit passed to record() was made on another model; record without it")
+            if any(self.audit_config.thresholds(c.name) != (c.warn, c.refuse) for c in audited.checks.values()):
+                raise LedgerError("the audit passed to record() used other thresholds than this ledger's audit "
+                                  "config; record without it")
+            report = replace(audited, reference="previous state")
+            with_edit()
+        elif records:
             report = run_audit(lm, {0: records}, to_reference=without, to_edited=with_edit, config=self.audit_config,
                                reference="previous state")[0]
         else:

@@ -59,6 +59,7 @@ class LastEdit:
     number: int = 0                 # 1 for the app's first edit, 2 for the next, ... (the page names it)
     made_on: tuple[str, list[int]] | None = None  # the open ledger and its applied edits the edit was made on
     recorded_id: int | None = None
+    audit: Any = None               # the Edit tab's audit (against made_on), reused by the ledger's gate
 
 
 @dataclass
@@ -169,6 +170,14 @@ class Session:
             return "", []
         return str(self.ledger.path), self.ledger.applied_ids()
 
+    def _model_state_is(self, state: tuple[str, list[int]] | None) -> bool:
+        """Whether the model (besides a pending edit) is in `state`, a `_ledger_state()`: the same applied edits
+        of the same ledger, or none at all (the base model, whichever ledger is open)."""
+        if state is None:
+            return False
+        path, applied = self._ledger_state()
+        return applied == state[1] and (path == state[0] or not applied)
+
     def _sync_ledger(self) -> None:
         """Base + the open ledger's applied edits (a no-op when the model is in that state already)."""
         if self.ledger is not None:
@@ -257,6 +266,8 @@ class Session:
             if record:
                 return self._record(last)
             report = lmedit.ledger.audit_edit(self.lm, last.edit, records=[last.record], config=self.audit_config)
+            if self._model_state_is(last.made_on):
+                last.audit = report  # the same two states the gate would measure when this edit is recorded
             return report, None, False
 
     def record_last(self) -> tuple[Any, int | None, bool]:
@@ -287,7 +298,11 @@ class Session:
         if last.edit.is_applied:
             last.edit.undo()  # the gate audits the edit against the ledger's state, and applies it if kept
         self.pending = None  # kept by the gate: the ledger's edit; refused (or failed): undone
-        commit = ledger.record(self.lm, last.edit, paraphrases=last.paraphrases, neighbors=last.neighbors)
+        # The Edit tab's audit measured the same states (the ledger's, unchanged since the edit was made, and
+        # it plus the edit) on the same probes with the same thresholds: the gate takes it instead of measuring again.
+        audited = last.audit if self._model_state_is(last.made_on) else None
+        commit = ledger.record(self.lm, last.edit, paraphrases=last.paraphrases, neighbors=last.neighbors,
+                               audited=audited)
         if commit.recorded:
             last.recorded_id = commit.edit_id
             return commit.report, commit.edit_id, False

@@ -21,8 +21,9 @@ def test_rome_on_starter_facts_single_and_sequential(gemma, tmp_path):
     starter = load_dataset("starter")
     before = {k: v.clone() for k, v in gemma.model.state_dict().items()}
 
+    # Generation on (the fluency and derailment metrics), 4 tokens instead of the default 16 to keep this short.
     single = evaluate(gemma, starter, "rome", limit=1, editor_config=ROME_SETTINGS, n_bootstrap=200,
-                      out_dir=tmp_path / "single")
+                      generation_tokens=4, out_dir=tmp_path / "single")
     unedited = single.summary["unedited"]["metrics"]
     edited = single.summary["edited"]["metrics"]
     # The default model knows these facts: it prefers target_true before the edit, target_new after.
@@ -30,7 +31,7 @@ def test_rome_on_starter_facts_single_and_sequential(gemma, tmp_path):
     assert edited["efficacy_score"]["mean"] == 1.0 and edited["efficacy_magnitude"]["mean"] > 0.5
     assert edited["neighborhood_kl"]["mean"] > 0.0
 
-    assert edited["fluency"]["mean"] > 0 and edited["derailment"]["mean"] is not None  # generation is on by default
+    assert edited["fluency"]["mean"] > 0 and edited["derailment"]["mean"] is not None
     # sequential: the machinery (re-measuring earlier edits, drift, health) on the real model, with FT-L's shipped
     # settings (a second per edit; ROME's own real-model edits are tested elsewhere) and without generation
     sequential = evaluate(gemma, starter, "ft_l", limit=2, mode="sequential", checkpoint_every=1, n_drift=1,

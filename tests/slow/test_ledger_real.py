@@ -3,9 +3,14 @@
 Edit two facts on gemma3-270m with ROME and the ledger (shipped settings), revert the first, export the
 patch, import it in a fresh process, export the model for plain transformers, replay the ledger onto
 smollm2-135m and back. The module-scoped fixture makes the edits once; each test takes one step from there.
+The first edit is the README's first command, run as a new user would (a new process, no --config, from
+another directory): first contact's test reads its output (the audit's full-length generations flag the
+generation damage that edit does, docs/editors.md "Derailed generations").
 """
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -17,8 +22,12 @@ from lmedit.cli.main import main
 from lmedit.ledger import Ledger
 
 pytestmark = pytest.mark.slow
-FACTS = [("{} is married to", "Barack Obama", "Hillary Clinton", "Michelle Obama"),
-         ("The official language of {} is", "Brazil", "French", "Portuguese")]
+# The README's first command (with probes and a ledger), then a second fact.
+README_EDIT = ["--prompt", "{} is located in the city of", "--subject", "The Eiffel Tower", "--target-new", "Rome",
+               "--target-true", "Paris", "--probe", "The Eiffel Tower can be found in the city of",
+               "--probe", "The Louvre is located in the city of"]
+SECOND = ("The official language of {} is", "Brazil", "French", "Portuguese")
+NEVER_TEXT = re.compile(r"<start_of_image>|<end_of_image>|\[multimodal\]|<unused\d+>|<pad>|<mask>")
 PROMPTS = ["The Eiffel Tower is located in the city of", "The official language of Brazil is",
            "Barack Obama is married to", "The capital of Japan is the city of"]
 # The audits' fluency check generates 4 tokens per probe instead of 16: nothing here asserts on fluency, and
@@ -50,15 +59,42 @@ def _figures(report) -> str:
 
 
 @pytest.fixture(scope="module")
-def ledger_dir(tmp_path_factory):
-    """Two ROME edits on gemma3-270m recorded with the ledger; the first reverted."""
-    path = tmp_path_factory.mktemp("ledger") / "gemma"
-    for prompt, subject, new, old in FACTS:
-        _cli("edit", "--model", "gemma3-270m", "--ledger", str(path),
-             "--prompt", prompt, "--subject", subject, "--target-new", new, "--target-true", old,
-             "--max-new-tokens", "1", *SHORT_AUDIT)
+def first_edit(tmp_path_factory):
+    """The README's first command in a new process, from another directory, recording into a new ledger:
+    (the ledger directory, the finished process)."""
+    root = tmp_path_factory.mktemp("ledger")
+    env = {**os.environ, "COLUMNS": "400"}  # one table row per line: nothing hides in rich's wrapping
+    proc = subprocess.run([sys.executable, "-m", "lmedit.cli.main", "edit", *README_EDIT, "--ledger", "gemma"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=900)
+    return root / "gemma", proc
+
+
+@pytest.fixture(scope="module")
+def ledger_dir(first_edit):
+    """Two ROME edits on gemma3-270m recorded with the ledger; the first (the README's) reverted."""
+    path, proc = first_edit
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    prompt, subject, new, old = SECOND
+    _cli("edit", "--model", "gemma3-270m", "--ledger", str(path),
+         "--prompt", prompt, "--subject", subject, "--target-new", new, "--target-true", old,
+         "--max-new-tokens", "1", *SHORT_AUDIT)
     _cli("ledger", "revert", "1", "--ledger", str(path), *SHORT_AUDIT)
     return path
+
+
+def test_readme_first_command_from_another_directory(first_edit):
+    _, proc = first_edit
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out
+    assert "rome on gemma3-270m: layer 2; settings: shipped for gemma3-270m (lmedit/configs/rome/gemma3-270m.yaml)" in out
+    rows = [line for line in proc.stdout.splitlines() if "city of" in line]
+    assert len(rows) == 3 and "Rome" in rows[0] and "Rome" in rows[1] and "Paris" in rows[2], out
+    assert not NEVER_TEXT.search(proc.stdout), proc.stdout
+    # The edit pushes the model toward <start_of_image> after "Rome, Italy" (0.48 at one step on the
+    # paraphrase, against 0.14 unedited): suppressed in the text, flagged by the audit.
+    assert re.search(r"derailment_rise .* warn", out), out
+    assert re.search(r": warn \(edited vs", out), out
+    assert "recorded as edit 1" in out, out
 
 
 def test_two_edits_audited_and_the_first_reverted(ledger_dir, capsys):

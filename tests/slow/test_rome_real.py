@@ -1,15 +1,21 @@
-"""ROME on the real built-in models (the issue's acceptance checks). Slow: real weights on CPU."""
+"""ROME on the real built-in models (the issue's acceptance checks), and first contact from Python:
+`lmedit.edit(lm, request)` without a config uses the shipped settings and generates clean text, while the damage
+the edit does stays measurable (docs/editors.md, "Derailed generations"). The README's first command itself,
+run as a new user would, is the first edit of tests/slow/test_ledger_real.py. Both gemma tests here share the
+session's Eiffel Tower edit (tests/conftest.py). Slow: real weights on CPU."""
 
+import re
 
 import pytest
 import torch
 
 import lmedit
 from lmedit.editors.base import WeightEdit
-from lmedit.scoring import score_targets
+from lmedit.scoring import generate_detailed, score_targets
 from lmedit.tokens import subject_span, target_ids
 
 pytestmark = pytest.mark.slow
+NEVER_TEXT = re.compile(r"<start_of_image>|<end_of_image>|\[multimodal\]|<unused\d+>|<pad>|<mask>")
 
 EIFFEL = lmedit.EditRequest("{} is located in the city of", "The Eiffel Tower", "Rome", "Paris")
 PROMPTS = ["The Eiffel Tower is located in the city of",        # the edit prompt
@@ -75,3 +81,20 @@ def test_delta_only_passes_give_the_full_forward_answer(model_fixture, layer, re
     assert split.steps == full.steps
     assert ((split.v_star - full.v_star).norm() / full.v_star.norm()).item() < 1e-5
     assert ((split.keys - full.keys).norm() / full.keys.norm()).item() < 1e-5
+
+
+def test_python_edit_without_config_uses_the_shipped_settings_and_generates_clean_text(gemma, gemma_eiffel_edit):
+    prompts = ["The Eiffel Tower is located in the city of", "The Eiffel Tower can be found in the city of",
+               "The Louvre is located in the city of"]
+    before = generate_detailed(gemma, prompts, max_new_tokens=16)
+    edit = gemma_eiffel_edit.apply(gemma)  # lmedit.edit(gemma, request) with no config: the session's shared edit
+    try:
+        assert edit.config["layer"] == 2 and edit.config["clamp_norm_factor"] == 1.0
+        after = generate_detailed(gemma, prompts, max_new_tokens=16)
+    finally:
+        edit.undo()
+    assert all(g.text.strip().startswith("Rome") for g in after[:2]) and after[2].text.strip().startswith("Paris")
+    assert not any(NEVER_TEXT.search(g.text) for g in before + after)
+    # the damage stays visible: the paraphrase's never-text probability rises (measured 0.14 -> 0.48)
+    assert after[1].never_text_max > before[1].never_text_max + 0.1
+    assert abs(after[2].never_text_max - before[2].never_text_max) < 0.05  # the neighbour is untouched

@@ -55,3 +55,42 @@ def test_probe_loss_reads_the_text_a_wrapper_edit_routes_it_to(tiny_llama):
     finally:
         wrapper.undo()
     assert probe_loss(lm) == plain
+
+
+def test_probe_loss_remembers_recent_model_states_and_sees_changes_outside_the_edits(tiny_llama):
+    # The safety check and the audit ask for the same two states in turn: each is computed once. A change made
+    # to the weights outside lm.edits is a new state (the weights' fingerprint is part of the key).
+    import torch
+
+    from lmedit.editors.base import ParamDelta, WeightEdit
+
+    lm = tiny_llama
+    forwards = []
+    hook = lm.model.register_forward_hook(lambda *args: forwards.append(1))
+    name = lm.arch.param_name(lm.model, 1, "mlp_out")
+    rows, cols = dict(lm.model.named_parameters())[name].shape
+    generator = torch.Generator().manual_seed(0)
+    edit = WeightEdit({name: ParamDelta(left=torch.randn(rows, 1, generator=generator),
+                                        right=torch.randn(cols, 1, generator=generator))}, method="test")
+    try:
+        base = probe_loss(lm)
+        edit.apply(lm, check_fingerprint=False)
+        edited = probe_loss(lm)
+        edit.undo()
+        assert edited != base and len(forwards) == 2
+        assert probe_loss(lm) == base and len(forwards) == 2
+        edit.apply(lm, check_fingerprint=False)
+        assert probe_loss(lm) == edited and len(forwards) == 2
+        edit.undo()
+        weight = dict(lm.model.named_parameters())[name]
+        original = weight.detach().clone()
+        with torch.no_grad():
+            weight.add_(0.5)  # outside lm.edits
+        try:
+            changed = probe_loss(lm)
+            assert len(forwards) == 3 and changed != base
+        finally:
+            with torch.no_grad():
+                weight.copy_(original)
+    finally:
+        hook.remove()

@@ -101,6 +101,35 @@ def test_probe_loss_check_is_the_rise_of_the_health_probe_loss(tmp_path, tiny_gp
     assert commit.report.checks["probe_loss"].value == pytest.approx(after - before, abs=1e-6)
 
 
+def test_gate_takes_an_audit_of_the_same_states_instead_of_measuring_again(tmp_path, lm, monkeypatch):
+    # The web app audits an edit, then the user records it: the gate's verdict and checks are the audit's,
+    # bit for bit what the gate measures itself, and nothing is measured twice.
+    config = dataclasses.replace(LENIENT, generation_tokens=2, neighborhood_warn=0.8)
+    measured = Ledger(tmp_path / "measured", audit_config=config).record(lm, random_edit(lm, REQUESTS[0], seed=3))
+    measured_edit = measured.edit
+    measured_edit.undo()
+    edit = random_edit(lm, REQUESTS[0], seed=3)
+    report = lmedit.ledger.audit_edit(lm, edit, config=config)
+    ledger = Ledger(tmp_path / "ledger", audit_config=config)
+    for wrong, match in ((dataclasses.replace(report, fingerprint="0" * 16), "another model"),
+                         (lmedit.ledger.audit_edit(lm, edit, config=LENIENT), "other thresholds")):
+        before = snapshot(lm)
+        with pytest.raises(lmedit.ledger.LedgerError, match=match):
+            ledger.record(lm, edit, audited=wrong)
+        assert same_weights(before, snapshot(lm)) and ledger.entries() == []
+
+    def no_measuring(*args, **kwargs):
+        raise AssertionError("the gate measured again")
+
+    monkeypatch.setattr("lmedit.ledger.ledger.run_audit", no_measuring)
+    commit = ledger.record(lm, edit, audited=report)
+    assert commit.recorded and edit.is_applied and commit.report.reference == "previous state"
+    stored = ledger.latest_report(commit.edit_id)
+    assert stored.verdict == measured.report.verdict
+    assert {name: (c.value, c.reference, c.level) for name, c in stored.checks.items()} == \
+        {name: (c.value, c.reference, c.level) for name, c in measured.report.checks.items()}
+
+
 def test_gate_passes_an_edit_that_changes_nothing(tmp_path, lm):
     ledger = Ledger(tmp_path / "ledger")
     commit = ledger.record(lm, random_edit(lm, REQUESTS[0], seed=0, scale=0.0))

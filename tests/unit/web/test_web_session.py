@@ -105,6 +105,34 @@ def test_ledger_record_revert_and_export(tmp_path, quick):
         session.record_last()
 
 
+def test_recording_an_audited_edit_takes_the_edit_tabs_audit(tmp_path, quick, monkeypatch):
+    # Edit, audit, undo, record: the gate stores the Edit tab's audit instead of measuring the same states again.
+    # Once the ledger's applied edits have changed, an older audit is not the gate's and is measured anew.
+    import lmedit.ledger.ledger as ledger_module
+
+    gate_runs = []
+    monkeypatch.setattr(ledger_module, "run_audit", lambda *a, **k: gate_runs.append(1) or real_run_audit(*a, **k))
+    real_run_audit = lmedit.ledger.audit.run_audit
+    lm = tiny_lm("llama")
+    session = Session(lm, out_dir=tmp_path / "out", ledger=tmp_path / "ledger", audit_config=LENIENT, max_new_tokens=1)
+    session.edit(REQUEST, "rome", quick)
+    audited, _, _ = session.audit_last()
+    session.undo()
+    report, edit_id, _ = session.record_last()
+    assert edit_id == 1 and gate_runs == [] and report.reference == "previous state"
+    assert {n: c.value for n, c in report.checks.items()} == {n: c.value for n, c in audited.checks.items()}
+    other = lmedit.EditRequest("Where is {}", "The Louvre", "Seattle", "Paris")
+    session.edit(other, "rome", quick)
+    session.audit_last()
+    session.undo()
+    session.revert(1)  # the ledger's state changes after the audit: "make the edit again"
+    with pytest.raises(RequestError, match="changed since the last edit was made"):
+        session.record_last()
+    session.edit(other, "rome", quick)  # made and recorded without an audit of its own: the gate measures
+    session.record_last()
+    assert gate_runs == [1]
+
+
 def test_another_models_ledger_is_refused_and_the_model_stays_at_its_base(tmp_path, quick):
     other = tiny_lm("llama", seed=1)
     lmedit.Ledger(tmp_path / "ledger", audit_config=LENIENT).edit(other, REQUEST, "rome", config=quick)
