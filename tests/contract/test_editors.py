@@ -39,6 +39,8 @@ TINY_CONFIGS: dict[str, dict] = {
     "kn": {"n_prefixes": 2, "steps": 8, "share": 0.6, "lambda_add": 8.0, "max_neurons": 10},
     "ft": {"layers": [1], "lr": 1e-2, "steps": 10},
     "ft_l": {"layers": [1], "lr": 1e-2, "steps": 10, "norm_constraint": 0.05},
+    # LoRA at FT's tiny settings, rank 4 (the 64-wide model's rank-4 adapter flips both families in 10 steps).
+    "lora": {"layers": [1], "lr": 1e-2, "steps": 10, "rank": 4, "alpha": 8.0},
     "memit": {"layers": [1, 2], "corpus": CORPUS, "corpus_tokens": 4000, "prefixes": 2, "mom2_weight": 100.0,
               "clamp_norm_factor": 4.0},
     "alphaedit": {"layers": [1, 2], "corpus": CORPUS, "corpus_tokens": 4000, "prefixes": 2, "clamp_norm_factor": 4.0},

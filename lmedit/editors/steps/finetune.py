@@ -1,4 +1,5 @@
-"""The fine-tuning loop of the FT and FT-L baselines (`editors/ft.py`): gradient steps on target_new for chosen
+"""The fine-tuning loop of the FT and FT-L baselines (`editors/ft.py`), whose target-token batch and Adam loop
+(`target_batch`, `train_on_targets`) LoRA (`editors/lora.py`) trains with too: gradient steps on target_new for chosen
 weights, unconstrained or with the change kept in an L∞ ball (FT-L, Zhu et al. 2020, "Modifying Memories in
 Transformer Models", arXiv:2012.00363). ROME (Meng et al. 2022, arXiv:2202.05262, §4) uses both as
 baselines; its GPT-2 XL setting (layer 0's MLP down-projection, 25 Adam steps at lr 5e-4, ε = 5e-4 for FT-L)
@@ -116,15 +117,87 @@ def trainable_copies(lm: LM, names: Sequence[str]) -> Iterator[dict[str, nn.Para
             p.requires_grad_(flags.get(name, p.requires_grad))
 
 
-def _training_batch(lm: LM, requests: Sequence[EditRequest], prefixes: Sequence[str]
-                    ) -> tuple[Batch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """Rows "prefix + prompt + target[:-1]" request by request (`scoring.teacher_forced`): (padded batch, and per
-    scored target token its row, position, gold id and weight, then the number of rows). A token's weight is
-    1 / (its target's length): each sequence counts once, whatever its target length."""
+@dataclass(frozen=True)
+class TargetBatch:
+    """The teacher-forced training batch of target_new: rows "prefix + prompt + target[:-1]" request by request
+    (`scoring.teacher_forced`), and per scored target token its row, position, gold id and weight. A token's
+    weight is 1 / (its target's length): each sequence counts once, whatever its target length."""
+
+    batch: Batch
+    rows: torch.Tensor       # (n_target_tokens,)
+    positions: torch.Tensor  # (n_target_tokens,)
+    gold: torch.Tensor       # (n_target_tokens,)
+    weights: torch.Tensor    # (n_target_tokens,)
+    n_seqs: int              # training sequences (requests × prefixes)
+
+    def loss(self, lm: LM) -> torch.Tensor:
+        """The mean over sequences of target_new's NLL per target token, under `lm`'s current weights (a scalar
+        with gradient; logits only at the target positions)."""
+        logits = logits_at(lm, self.batch.model_inputs(), self.rows, self.positions).float()  # (n_target_tokens, d_vocab)
+        token_nll = -torch.log_softmax(logits, dim=-1).gather(1, self.gold[:, None])[:, 0]
+        return (token_nll * self.weights).sum() / self.n_seqs
+
+
+def target_batch(lm: LM, requests: Sequence[EditRequest], prefixes: Sequence[str] = ("",)) -> TargetBatch:
+    """The `TargetBatch` of `requests`, each behind every prefix of `prefixes` ("" = the bare prompt)."""
     scored = teacher_forced(lm, [prefix + request.text for request in requests for prefix in prefixes],
                             [request.target_new for request in requests for _ in prefixes], feed_last=False)
     weights = torch.tensor([1.0 / n for _, n in scored.spans for _ in range(n)], dtype=torch.float32, device=lm.device)
-    return (scored.padded(lm), *scored.index(lm.device), weights, len(scored.ids))
+    return TargetBatch(scored.padded(lm), *scored.index(lm.device), weights, len(scored.ids))
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    losses: list[float]   # losses[i]: mean target NLL per token after i updates
+    steps: int            # updates made
+    stopped_early: bool   # the loss fell below early_stop_loss before `steps` updates
+
+
+def train_on_targets(lm: LM, params: Sequence[nn.Parameter], batch: TargetBatch, *, steps: int, lr: float,
+                     weight_decay: float = 0.0, early_stop_loss: float = 0.0,
+                     after_step: Callable[[], None] | None = None, label: str = "fine-tuning",
+                     progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
+    """Adam on `params` (already standing in the model, with gradients on) to lower `batch.loss(lm)`.
+
+    Args:
+        lm: the model whose forward reads `params`.
+        params: the trained tensors; nothing else is touched.
+        batch: what is trained on (`target_batch`).
+        steps: most updates; the loss is measured once more after the last one.
+        lr, weight_decay: Adam's.
+        early_stop_loss: stop once the loss is below this (0: never).
+        after_step: called (without gradient) after every update, e.g. FT-L's projection.
+        label: the phase name given to `progress`.
+        progress: called as (label, step, steps) after each update.
+
+    Raises:
+        EditFailedError: the loss became NaN/inf.
+    """
+    losses: list[float] = []
+    stopped_early = False
+    updates = 0
+    optimizer = torch.optim.Adam(list(params), lr=lr, weight_decay=weight_decay)
+    with torch.enable_grad():
+        for updates in range(steps + 1):
+            optimizer.zero_grad()
+            loss = batch.loss(lm)
+            losses.append(loss.item())
+            if not torch.isfinite(loss):
+                raise EditFailedError(f"{label} loss became {loss.item()} after {updates} steps; "
+                                      "lower lr; the model is unchanged")
+            if losses[-1] < early_stop_loss:
+                stopped_early = True
+                break
+            if updates == steps:
+                break  # this forward only measured the loss after the last update
+            loss.backward()
+            optimizer.step()
+            if after_step is not None:
+                with torch.no_grad():
+                    after_step()
+            if progress is not None:
+                progress(label, updates + 1, steps)
+    return TrainResult(losses=losses, steps=updates, stopped_early=stopped_early)
 
 
 def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,
@@ -155,44 +228,28 @@ def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,
     names = [lm.arch.param_name(lm.model, layer, config.module) for layer in config.layers]  # type: ignore[arg-type]
     lengths = [(n, c) for n, c in ((5, config.prefixes_short), (10, config.prefixes_long)) if c > 0]
     prefixes = context_prefixes(lm, lengths, seed=config.seed, cache=cache) if lengths else [""]
-    batch, rows, positions, gold, weights, n_seqs = _training_batch(lm, requests, prefixes)
+    batch = target_batch(lm, requests, prefixes)
 
-    losses: list[float] = []
-    stopped_early = False
-    updates = 0
-    with trainable_copies(lm, names) as params, torch.enable_grad():
+    with trainable_copies(lm, names) as params:
         originals = {name: p.detach().clone() for name, p in params.items()}
-        optimizer = torch.optim.Adam(list(params.values()), lr=config.lr, weight_decay=config.weight_decay)
-        for updates in range(config.steps + 1):
-            optimizer.zero_grad()
-            logits = logits_at(lm, batch.model_inputs(), rows, positions).float()  # (n_target_tokens, d_vocab)
-            token_nll = -torch.log_softmax(logits, dim=-1).gather(1, gold[:, None])[:, 0]
-            loss = (token_nll * weights).sum() / n_seqs
-            losses.append(loss.item())
-            if not torch.isfinite(loss):
-                raise EditFailedError(f"fine-tuning loss became {loss.item()} after {updates} steps; "
-                                      "lower lr; the model is unchanged")
-            if losses[-1] < config.early_stop_loss:
-                stopped_early = True
-                break
-            if updates == config.steps:
-                break  # this forward only measured the loss after the last update
-            loss.backward()
-            optimizer.step()
-            if norm_constraint is not None:
-                with torch.no_grad():
-                    for name, p in params.items():
-                        w0 = originals[name]
-                        p.copy_(w0 + (p - w0).clamp(-norm_constraint, norm_constraint))
-            if progress is not None:
-                progress("fine-tuning", updates + 1, config.steps)
+
+        def project() -> None:  # FT-L: W ← W₀ + clamp(W − W₀, −ε, ε)
+            assert norm_constraint is not None
+            for name, p in params.items():
+                w0 = originals[name]
+                p.copy_(w0 + (p - w0).clamp(-norm_constraint, norm_constraint))
+
+        trained = train_on_targets(lm, list(params.values()), batch, steps=config.steps, lr=config.lr,
+                                   weight_decay=config.weight_decay, early_stop_loss=config.early_stop_loss,
+                                   after_step=project if norm_constraint is not None else None, progress=progress)
         deltas = {name: (p.detach().to(torch.float64) - originals[name].to(torch.float64)).to(torch.float32)
                   for name, p in params.items()}
+    losses, updates, stopped_early = trained.losses, trained.steps, trained.stopped_early
     max_abs = {name: float(d.abs().max()) for name, d in deltas.items()}
     log.info("fine-tuned %s: loss %.3f -> %.3f in %d steps, max |Δ| %s", names, losses[0], losses[-1], updates,
              {k: f"{v:.3g}" for k, v in max_abs.items()})
     return FinetuneResult(deltas=deltas, losses=losses, steps=updates, stopped_early=stopped_early,
-                          n_prompts=n_seqs, max_abs=max_abs)
+                          n_prompts=batch.n_seqs, max_abs=max_abs)
 
 
 def finetune_edit(lm: LM, requests: tuple[EditRequest, ...], config: FinetuneConfig, method: str, *,
