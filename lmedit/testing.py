@@ -77,3 +77,14 @@ def tiny_lm(model_type: str = "llama", *, seed: int = 0, n_layers: int = 4, d_mo
     model.eval().requires_grad_(False)
     return LM(model=model, tokenizer=tiny_tokenizer(), arch=get_arch(model), name=f"tiny-{model_type}",
               fingerprint=weights_fingerprint(model))
+
+
+def interrupt_at(step: int):
+    """An editor `progress` callback that raises KeyboardInterrupt when `step` steps are done (tests of what an
+    interrupted edit leaves behind)."""
+
+    def progress(phase: str, done: int, total: int) -> None:
+        if done == step:
+            raise KeyboardInterrupt
+
+    return progress

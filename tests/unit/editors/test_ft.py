@@ -10,7 +10,7 @@ from lmedit.editors.base import WeightEdit
 from lmedit.editors.ft import FtConfig, FtEditor, FtLConfig, FtLEditor
 from lmedit.scoring import next_token_logprobs, score_targets
 from lmedit.stats import StatsCache
-from lmedit.testing import tiny_lm
+from lmedit.testing import interrupt_at, tiny_lm
 from lmedit.tokens import target_ids
 
 # The subject ends the prompt (see tests/contract/test_editors.py for why, on a random 4-layer model).
@@ -119,11 +119,7 @@ def test_edit_leaves_the_model_bit_identical_even_when_interrupted(method):
     editor.edit(lm, [REQUEST])
     assert _same(lm, snap)
 
-    def interrupt(phase, done, total):
-        if done == 3:
-            raise KeyboardInterrupt
-
-    editor.progress = interrupt
+    editor.progress = interrupt_at(3)
     with pytest.raises(KeyboardInterrupt):
         editor.edit(lm, [REQUEST])
     assert _same(lm, snap)

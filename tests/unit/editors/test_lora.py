@@ -12,7 +12,7 @@ from lmedit.editors.ft import FtConfig, FtEditor
 from lmedit.editors.lora import PEFT_CONFIG, PEFT_WEIGHTS, LoraEditConfig, LoraEditor, export_peft_adapter
 from lmedit.errors import ConfigError, LMEditError, MissingDependencyError
 from lmedit.scoring import next_token_logprobs
-from lmedit.testing import tiny_lm
+from lmedit.testing import interrupt_at, tiny_lm
 from lmedit.tokens import target_ids
 
 # The subject ends the prompt (see tests/contract/test_editors.py for why, on a random 4-layer model).
@@ -94,11 +94,7 @@ def test_interrupted_edit_leaves_the_model_bit_identical():
     snap, structure = _snapshot(lm), _structure(lm)
     editor = LoraEditor(LoraEditConfig(**SETTINGS, early_stop_loss=0.0))
 
-    def interrupt(phase, done, total):
-        if done == 3:
-            raise KeyboardInterrupt
-
-    editor.progress = interrupt
+    editor.progress = interrupt_at(3)
     with pytest.raises(KeyboardInterrupt):
         editor.edit(lm, [REQUEST])
     assert _same(lm, snap)
