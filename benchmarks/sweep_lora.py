@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import emit, peak_rss_mb  # noqa: E402
+from _common import STARTER_CASES, add_counts, emit, peak_rss_mb, starter_counts  # noqa: E402
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
@@ -26,29 +26,9 @@ import yaml  # noqa: E402
 import lmedit  # noqa: E402
 from lmedit.editors.lora import LoraEditConfig, LoraEditor  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
-from lmedit.eval.measure import measure  # noqa: E402
 from lmedit.settings import CONFIG_ROOT  # noqa: E402
 
-CASES = "capital-0,landmark_city-0,spouse-0,antonym-0,official_language-0"
-
-
-def _counts(lm, records) -> dict[str, list[int]]:
-    """[hits, probes] per group: target more likely than foil."""
-    out = {"efficacy": [0, 0], "paraphrase": [0, 0], "neighbour_kept": [0, 0]}
-    for m in measure(lm, records, keep_dists=False):
-        for group, key in (("rewrite", "efficacy"), ("paraphrase", "paraphrase"), ("neighborhood", "neighbour_kept")):
-            s = m.scores[group]
-            for t, f in zip(s.target_logprob, s.foil_logprob):
-                out[key][0] += int(f is not None and t > f)
-                out[key][1] += 1
-    return out
-
-
-def _add(total: dict[str, list[int]], part: dict[str, list[int]]) -> None:
-    for k, (a, b) in part.items():
-        total.setdefault(k, [0, 0])
-        total[k][0] += a
-        total[k][1] += b
+CASES = STARTER_CASES
 
 
 def main() -> None:
@@ -71,7 +51,7 @@ def main() -> None:
     result = {"model": args.model, "layer": layer, "cases": wanted, "steps": args.steps,
               "early_stop_loss": args.early_stop, "threads": torch.get_num_threads(), "unedited": {}, "settings": []}
     for record in records:
-        _add(result["unedited"], _counts(lm, [record]))
+        add_counts(result["unedited"], starter_counts(lm, [record]))
     for rank in map(int, args.ranks.split(",")):
         for lr in map(float, args.lrs.split(",")):
             config = LoraEditConfig(layers=(layer,), rank=rank, alpha=args.alpha_per_rank * rank, lr=lr,
@@ -84,7 +64,7 @@ def main() -> None:
                 seconds += time.perf_counter() - start
                 steps.append(edit.info["steps"])
                 with edit.applied(lm):
-                    _add(total, _counts(lm, [record]))
+                    add_counts(total, starter_counts(lm, [record]))
             row = {"rank": rank, "alpha": config.alpha, "lr": lr, **{k: f"{a}/{b}" for k, (a, b) in total.items()},
                    "steps": steps, "edit_seconds_mean": round(seconds / len(records), 2)}
             print(row, file=sys.stderr, flush=True)

@@ -9,6 +9,9 @@ Usage:
         lm.model(**batch)
     acts[Site("resid_out", 3)]  # (batch, pos, d_model)
 
+`attach()` is the one persistent hook: an adaptor edit (`lmedit.editors.adaptor`) keeps it on the model while
+it is applied and removes it through the returned handle on undo.
+
 `start_at()` is the one intervention that is not a hook: it skips the first blocks of a forward by
 standing in for their `forward` (a torch hook can rewrite a module's input or output but cannot skip it).
 
@@ -22,6 +25,7 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
+from torch.utils.hooks import RemovableHandle
 
 from lmedit.types import Site
 
@@ -118,6 +122,10 @@ def capture(lm: LM, sites: Iterable[Site], *, stop_after: Site | None = None,
 def patch(lm: LM, fns: Mapping[Site, PatchFn], *, stop_after: Site | None = None) -> Iterator[None]:
     """Rewrite activations at the given sites during the forwards run inside the block.
 
+    On a half-precision model (bfloat16, float16) each `fn` gets the activation as float32 and its result is
+    rounded back to the model's dtype once: what a patch adds (a float32 δ, noise, a restored activation) is
+    computed in float32 and gradients flow through both casts. On a float32 model nothing is cast.
+
     Args:
         lm: the model bundle.
         fns: site -> `fn(activation, site)`, returning the replacement or None to keep the activation.
@@ -127,8 +135,68 @@ def patch(lm: LM, fns: Mapping[Site, PatchFn], *, stop_after: Site | None = None
         with patch(lm, {Site("mlp.out", 5): lambda act, site: act + delta}):
             logits = lm.model(**batch).logits
     """
-    with _hooked(lm, dict(fns), stop_after):
+    with _hooked(lm, {site: _in_float32(fn) for site, fn in fns.items()}, stop_after):
         yield
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _in_float32(fn: PatchFn) -> PatchFn:
+    """`fn`, called with a half-precision activation upcast to float32 and its result rounded back to that dtype."""
+
+    def upcast(activation: torch.Tensor, site: Site) -> torch.Tensor | None:
+        if activation.dtype not in _HALF:
+            return fn(activation, site)
+        wide = activation.float()
+        new = fn(wide, site)
+        # None: `fn` kept the activation, possibly changed in place (in the float32 copy, which is handed back).
+        return (wide if new is None else new).to(activation.dtype)
+
+    return upcast
+
+
+class AdaptorFn(Protocol):
+    """Rewrites a module's output from its input: return a tensor to replace the output, or None to keep it."""
+
+    def __call__(self, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def attach(lm: LM, site: Site, fn: AdaptorFn) -> RemovableHandle:
+    """Keep `fn` on the module that computes `site` until the returned handle's `remove()` is called.
+
+    Unlike `capture`/`patch`, the hook outlives any block: it is how an applied adaptor edit (GRACE's codebook)
+    changes every later forward, whoever runs it. `fn` receives the module's first input and its output, e.g.
+    for `Site("mlp.out", layer)` the down-projection's input (`mlp.key`, (batch, pos, d_mlp)) and output
+    ((batch, pos, d_model)). Hooks registered later (`capture`, `patch`) run after it, so they see its output.
+    `start_at` does not check it: a block it skips passes `resid` on, which already holds the block's effect.
+
+    Args:
+        lm: the model bundle.
+        site: an output site of a module (not `mlp.key`, which is an input).
+        fn: the rewrite.
+
+    Returns:
+        The torch handle; `handle.remove()` takes the hook off (idempotent).
+
+    Raises:
+        ValueError: `site` is a module's input.
+        IndexError: `site.layer` is outside the model.
+
+    Example:
+        handle = attach(lm, Site("mlp.out", 5), lambda key, out: None)   # keeps every output
+        ...
+        handle.remove()
+    """
+    module, is_input = lm.arch.module_for(lm.model, site)
+    if is_input:
+        raise ValueError(f"attach() rewrites a module's output; {site} is a module's input")
+
+    def hook(_module, args, output):
+        new = fn(args[0], _unpack(output))
+        return None if new is None else _repack(output, new)
+
+    return module.register_forward_hook(hook)
 
 
 def _hooked_sites(modules: Iterable[torch.nn.Module]) -> list[Site]:

@@ -5,8 +5,9 @@ Every editor has tuned settings for the built-in models in `lmedit/configs/<meth
 never by a directory name:
 
 1. the built-in name the model was loaded by (`lmedit.load("gemma3-270m")`);
-2. else its weights fingerprint (`LM.fingerprint`), for the same weights loaded another way (a directory
-   written by `lmedit export-model` with no edits, `LM.from_hf` on the converted checkpoint);
+2. else its weights (`LM.weights_hash` or `LM.fingerprint` listed in `models.yaml`'s `fingerprints`), for the
+   same weights loaded another way (a directory written by `lmedit export-model` with no edits, `LM.from_hf`
+   on the converted checkpoint);
 3. else its shape (model type, layers, widths, vocabulary): a fine-tuned or edited copy of a built-in
    model gets that model's settings, and the source line says its weights differ.
 
@@ -69,7 +70,8 @@ def identify(lm: LM) -> ModelIdentity | None:
     if lm.name in known:
         return ModelIdentity(lm.name, "name")
     for key, entry in known.items():
-        if lm.fingerprint in (entry.get("fingerprints") or []):
+        # models.yaml lists exact weights hashes of the float32 weights (and may list checkpoint fingerprints).
+        if {lm.fingerprint, lm.weights_hash} & set(entry.get("fingerprints") or []):
             return ModelIdentity(key, "fingerprint")
     signature = shape_signature(lm)
     for key, entry in known.items():
@@ -180,7 +182,7 @@ def describe(editor: Editor, lm: LM | None = None, source: str | None = None) ->
         if hasattr(cfg, field):
             value = getattr(cfg, field)
             if value is None:
-                where = "layer chosen by causal tracing"
+                where = getattr(editor, "layer_rule", "layer chosen by causal tracing")
             else:
                 label = field if not isinstance(value, tuple | list) or len(value) != 1 else "layer"
                 where = f"{label} {value if not isinstance(value, tuple | list) else ', '.join(map(str, value))}"

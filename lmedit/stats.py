@@ -8,7 +8,8 @@ use one of these corpora:
     parsed with `ast` (nothing is imported);
   - `file:PATH`: a user text file (paragraphs) or JSONL file (a "text" field per line).
 A forward that stops after the deepest requested layer reads all requested layers in one pass.
-Results are cached under `StatsCache(root)/<model fingerprint>/<corpus id>/layer<l>-<n_tokens>.safetensors`,
+Results are cached under `StatsCache(root)/<LM.weights_hash>/<corpus id>/layer<l>-<n_tokens>.safetensors`
+(the exact weights, dtype included: a bfloat16 copy of a model has its own statistics),
 with their provenance and a checksum (`lmedit.cache`): a file that fails the check is recomputed with a
 warning. A statistic that is not finite (an empty corpus file: 0/0) is an error and is never cached.
 
@@ -90,10 +91,10 @@ class StatsCache:
         self.root = Path(root) if root is not None else cache_root() / "stats"
 
     def path(self, lm: LM, spec: CorpusSpec, layer: int) -> Path:
-        return self.root / lm.fingerprint / spec.corpus_id() / f"layer{layer}-n{spec.n_tokens}.safetensors"
+        return self.root / lm.weights_hash / spec.corpus_id() / f"layer{layer}-n{spec.n_tokens}.safetensors"
 
     def corpus_path(self, lm: LM, spec: CorpusSpec) -> Path:
-        return self.root / lm.fingerprint / spec.corpus_id() / "corpus.json"
+        return self.root / lm.weights_hash / spec.corpus_id() / "corpus.json"
 
 
 # transformers renamed the key/value cache argument and output (past_key_values -> cache) in 5.2x.
@@ -205,7 +206,7 @@ def corpus_sequences(lm: LM, spec: CorpusSpec, cache: StatsCache | None = None,
     if spec.source == "sampled":
         n_seq = -(-spec.n_tokens // spec.seq_len)
         path = cache.corpus_path(lm, spec) if cache else None
-        provenance = {"kind": "sampled_corpus", "model": lm.fingerprint, "corpus": spec.corpus_id()}
+        provenance = {"kind": "sampled_corpus", "model": lm.weights_hash, "corpus": spec.corpus_id()}
         if path is not None:
             vocab = lm.model.get_input_embeddings().num_embeddings
             stored = read_json(path, provenance, lambda payload: _check_sequences(payload, spec.seq_len, vocab))
@@ -300,5 +301,5 @@ def key_second_moment(lm: LM, layers: Sequence[int], spec: CorpusSpec = CorpusSp
 
 
 def _stats_provenance(lm: LM, spec: CorpusSpec, layer: int) -> dict[str, object]:
-    return {"kind": "key_second_moment", "model": lm.fingerprint, "corpus": spec.corpus_id(), "layer": layer,
+    return {"kind": "key_second_moment", "model": lm.weights_hash, "corpus": spec.corpus_id(), "layer": layer,
             "n_tokens": spec.n_tokens}

@@ -7,6 +7,7 @@ nothing, which is what unit tests of the machinery want.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from functools import lru_cache
 
 import torch
@@ -14,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from lmedit.models.arch import get_arch
-from lmedit.models.load import LM, weights_fingerprint
+from lmedit.models.load import LM
 
 TINY_FAMILIES: tuple[str, ...] = ("gpt2", "gptj", "gpt_neox", "llama", "mistral", "qwen2", "gemma", "gemma2",
                                   "gemma3_text")
@@ -75,8 +76,7 @@ def tiny_lm(model_type: str = "llama", *, seed: int = 0, n_layers: int = 4, d_mo
     config = tiny_config(model_type, n_layers=n_layers, d_model=d_model)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.eval().requires_grad_(False)
-    return LM(model=model, tokenizer=tiny_tokenizer(), arch=get_arch(model), name=f"tiny-{model_type}",
-              fingerprint=weights_fingerprint(model))
+    return LM(model=model, tokenizer=tiny_tokenizer(), arch=get_arch(model), name=f"tiny-{model_type}")
 
 
 def interrupt_at(step: int):
@@ -88,3 +88,18 @@ def interrupt_at(step: int):
             raise KeyboardInterrupt
 
     return progress
+
+
+def disk_map(lm: LM, layers: Iterable[int]) -> dict[str, str]:
+    """A device map for `lm`'s model with blocks `layers` offloaded to disk and everything else on the CPU
+    (accelerate's module names, found through the architecture table's block list)."""
+    blocks = lm.arch.blocks(lm.model)
+    blocks_name = next(name for name, module in lm.model.named_modules() if module is blocks)
+    parent = blocks_name.rpartition(".")[0]
+    device_map = {name: "cpu" for name, _ in lm.model.named_children() if name != parent.split(".")[0]}
+    if parent:
+        device_map.update({f"{parent}.{name}": "cpu" for name, _ in lm.model.get_submodule(parent).named_children()
+                           if f"{parent}.{name}" != blocks_name})
+    chosen = set(layers)
+    device_map.update({f"{blocks_name}.{i}": "disk" if i in chosen else "cpu" for i in range(len(blocks))})
+    return device_map

@@ -111,6 +111,8 @@ SLOWEST_FILES = (
     "tests/slow/test_ledger_real.py",        # ~190 s
     "tests/slow/test_web_real.py",           # ~120 s
     "tests/slow/test_eval_real.py",          # ~52 s
+    "tests/slow/test_device_map_real.py",    # ~24 s
+    "tests/unit/test_eval_ray.py",           # ~16 s
     "tests/slow/test_rome_real.py",          # ~45 s
     "tests/slow/test_kn_real.py",            # ~31 s
     "tests/unit/web/test_web_browser.py",    # ~31 s

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -13,7 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import lmedit  # lazy: the library loads when a command runs
-from lmedit.cli.common import add_model_args, console, load_model
+from lmedit.cli.common import add_model_args, add_worker_args, check_worker_args, console, load_model
 from lmedit.errors import LMEditError
 
 if TYPE_CHECKING:
@@ -25,6 +27,8 @@ EPILOG = """examples:
   lmedit eval --method rome --dataset starter --mode sequential --limit 50 --checkpoint-every 10 --out runs/seq
   lmedit eval --method memit --config configs/memit/gemma3-270m.yaml --dataset counterfact --mode batch --batch-size 1000 --limit 1000
   lmedit eval --method rome --dataset counterfact --limit 100 --out runs/cf --resume
+  lmedit eval --method rome --dataset counterfact --limit 400 --workers 4      # 4 Ray workers (pip install 'lmedit[ray]')
+  lmedit eval --method rome --dataset counterfact --limit 400 --workers 16 --ray-address auto   # a running cluster
   lmedit eval --report-only runs/cf/rome-single runs/cf/noop-single --out runs/cf
 """
 
@@ -60,6 +64,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="fail on the first invalid dataset record instead of skipping it with a warning")
     p.add_argument("--compare", nargs="*", default=[], metavar="RUN_DIR", help="earlier run directories to add to the report")
     p.add_argument("--report-only", nargs="+", metavar="RUN_DIR", help="only write a report from existing run directories")
+    add_worker_args(p, "the records (batch mode: the batches)", "; not for sequential mode")
     p.set_defaults(run=run)
 
 
@@ -103,6 +108,13 @@ def _load_dataset(args: argparse.Namespace) -> lmedit.eval.Dataset:
     return dataset
 
 
+def _check_workers(args: argparse.Namespace) -> None:
+    """--workers / --ray-address mistakes, and a missing Ray, before the dataset or the model loads."""
+    check_worker_args(args, None if args.mode != "sequential" else
+                      "--workers cannot run --mode sequential: sequential edits depend on each other (each is made "
+                      "on the model the earlier ones edited); use --mode single or batch, or no --workers")
+
+
 def run(args: argparse.Namespace) -> int:
     from lmedit.eval import EvalConfig
     from lmedit.eval.report import write_report
@@ -116,13 +128,40 @@ def run(args: argparse.Namespace) -> int:
         raise LMEditError("give at least one --method (see `lmedit ls editors`)")
     if (args.config or args.set) and len(args.method) > 1:
         raise LMEditError("--config/--set apply to one --method; run the methods separately")
+    _check_workers(args)
     config = EvalConfig(mode=args.mode, batch_size=args.batch_size, checkpoint_every=args.checkpoint_every,
                         n_drift=args.n_drift, generation_tokens=args.generation, strict=args.strict,
                         disabling_rise=args.disabling_rise, refuse_disabling=args.refuse_disabling)
-    from lmedit.settings import describe, resolve_editor
-
     dataset = _load_dataset(args)  # a bad file fails before the model loads
     lm = load_model(args)
+    with _workers(args, lm) as workers:
+        run_dirs, summaries = _evaluate(args, lm, dataset, config, out, workers)
+    _print_table(summaries)
+    paths = write_report(run_dirs + [Path(p) for p in args.compare], out)
+    console.print(f"records: {', '.join(str(d / 'records.jsonl') for d in run_dirs)}", markup=False)
+    console.print(f"report:  {paths['markdown']}  {paths['html']}  plots: {out / 'plots'}", markup=False)
+    return 0
+
+
+@contextmanager
+def _workers(args: argparse.Namespace, lm: lmedit.LM) -> Iterator[int | lmedit.parallel.WorkerPool]:
+    """With --workers: one pool of Ray workers for every --method (each worker loads the model once); else 0."""
+    if not args.workers:
+        yield 0
+        return
+    from lmedit.parallel import WorkerPool
+
+    with ExitStack() as stack:
+        with console.status(f"starting Ray for {args.workers} worker(s) ..."):
+            pool = stack.enter_context(WorkerPool(lm, workers=args.workers, threads=args.worker_threads,
+                                                  address=args.ray_address))
+        yield pool
+
+
+def _evaluate(args: argparse.Namespace, lm: lmedit.LM, dataset: lmedit.eval.Dataset, config: lmedit.eval.EvalConfig,
+              out: Path, workers: int | lmedit.parallel.WorkerPool) -> tuple[list[Path], list[dict]]:
+    from lmedit.settings import describe, resolve_editor
+
     run_dirs, summaries = [], []
     for method in args.method:
         editor, _ = resolve_editor(method, lm, args.config, args.set or None)
@@ -135,15 +174,11 @@ def run(args: argparse.Namespace) -> int:
                 bar.update(task, completed=event.done, total=event.total, description=f"{method} {event.stage}")
 
             result = lmedit.evaluate(lm, dataset, editor, limit=args.limit, config=config, out_dir=run_dir,
-                                     resume=args.resume, progress=on_progress)
+                                     resume=args.resume, progress=on_progress, workers=workers)
         run_dirs.append(run_dir)
         summaries.append(result.summary)
         skipped = result.summary["skipped"]
         if skipped["count"]:
             console.print(f"{method}: skipped {skipped['count']} record(s): {skipped['by_reason']} (see {run_dir}/skipped.jsonl)",
                           markup=False)
-    _print_table(summaries)
-    paths = write_report(run_dirs + [Path(p) for p in args.compare], out)
-    console.print(f"records: {', '.join(str(d / 'records.jsonl') for d in run_dirs)}", markup=False)
-    console.print(f"report:  {paths['markdown']}  {paths['html']}  plots: {out / 'plots'}", markup=False)
-    return 0
+    return run_dirs, summaries

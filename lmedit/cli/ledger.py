@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from lmedit.cli.common import console
+from lmedit.cli.common import add_dtype_arg, console
 from lmedit.cli.ledger_common import (add_audit_args, add_ledger_arg, add_model_arg, describe, fmt, load_base, open_ledger,
                                 render_reaudit, render_report, render_rows, styled)
 
@@ -69,6 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     q.add_argument("--config-dir", metavar="DIR", help="where <method>/<model name>.yaml settings are looked up (default: the settings lmedit ships for the model)")
     q.add_argument("--force", action="store_true", help="record replayed edits even when the audit gate refuses them")
     q.add_argument("--device", default="cpu")
+    add_dtype_arg(q)
 
 
 def _require(ledger: Ledger) -> None:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
-from lmedit.cli.common import console, quiet_transformers
+from lmedit.cli.common import add_dtype_arg, console, quiet_transformers
 from lmedit.defaults import DEFAULT_MODEL
 from lmedit.types import describe_stored
 
@@ -46,6 +46,7 @@ def add_audit_args(parser: argparse.ArgumentParser) -> None:
 def add_model_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", "-m", help="the base model (default: the one the ledger was made with)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
+    add_dtype_arg(parser)
 
 
 def audit_config(args: argparse.Namespace) -> AuditConfig:
@@ -83,7 +84,7 @@ def load_base(args: argparse.Namespace, ledger: Ledger | None = None, model: str
     name = model or getattr(args, "model", None) or (ledger.model if ledger else None) or DEFAULT_MODEL
     quiet_transformers()
     with console.status(f"loading {escape(str(name))} ..."):
-        return lmedit.load(name, device=getattr(args, "device", "cpu"))
+        return lmedit.load(name, device=getattr(args, "device", "cpu"), dtype=getattr(args, "dtype", None) or "float32")
 
 
 def describe(requests: list[dict]) -> str:

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import lmedit  # lazy: the library loads when a command runs
-from lmedit.cli.common import add_model_args, console, load_model
+from lmedit.cli.common import add_model_args, add_worker_args, check_worker_args, console, load_model
 from lmedit.errors import RequestError
 
 # `lmedit.tracing.KINDS`, spelled out so that `--help` needs no torch (tests/unit/test_cli_errors.py checks they agree).
@@ -33,6 +33,7 @@ EPILOG = """examples:
   lmedit trace "Megan Rapinoe plays the sport of" --subject "Megan Rapinoe" \\
       --source-prompt "Shaquille O'Neal plays the sport of"
   lmedit trace --average lmedit/data/trace_facts.jsonl --samples 3 --out docs/figures
+  lmedit trace --average lmedit/data/trace_facts.jsonl --workers 4      # 4 Ray workers (pip install 'lmedit[ray]')
   lmedit trace --suggest-layer --model smollm2-135m
 """
 
@@ -64,6 +65,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--facts", type=Path, help="facts for --suggest-layer (default: the built-in facts)")
     parser.add_argument("--no-cache", action="store_true",
                         help="recompute --suggest-layer even if $LMEDIT_CACHE/tracing holds the answer")
+    add_worker_args(parser, "the facts of --average")
     add_model_args(parser)
     parser.set_defaults(run=run)
 
@@ -95,6 +97,7 @@ def file_stem(args: argparse.Namespace, model: str) -> str:
 def run(args: argparse.Namespace) -> int:
     if not (args.suggest_layer or args.average) and (args.prompt is None or args.subject is None):
         raise RequestError("give a PROMPT and --subject (or use --average FILE / --suggest-layer)")
+    _check_workers(args)
     from lmedit.tracing import load_facts
 
     # Fact files are read before the model loads: a mistake in one is reported at once.
@@ -108,6 +111,13 @@ def run(args: argparse.Namespace) -> int:
     if args.average:
         return _average(lm, args, facts or [])
     return _single(lm, args)
+
+
+def _check_workers(args: argparse.Namespace) -> None:
+    """--workers / --ray-address mistakes, and a missing Ray, before the model loads."""
+    check_worker_args(args, None if args.average and not args.suggest_layer else
+                      "--workers runs the facts of --average FILE on Ray workers; a single trace or --suggest-layer "
+                      "runs here")
 
 
 def _single(lm, args: argparse.Namespace) -> int:
@@ -154,8 +164,9 @@ def _average(lm, args: argparse.Namespace, facts: list) -> int:
 
     with _progress() as progress:
         result = average_trace(lm, facts, kinds=args.kind, samples=args.samples or 10, noise=args.noise,
-                                              window=args.window, seed=args.seed,
-                                              progress=_tracker(progress, "facts"))
+                                window=args.window, seed=args.seed, progress=_tracker(progress, "facts"),
+                                workers=args.workers, ray_address=args.ray_address,
+                                worker_threads=args.worker_threads)
     json_path = result.save(args.out / f"average_{lm.name.replace('/', '_')}.json")
     pictures = result.plot(json_path.with_suffix(""))
     console.print(f"{result.n_known} of {result.n_given} facts known by {lm.name} and traced; "

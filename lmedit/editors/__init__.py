@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 from lmedit.config import from_dict, load_config
 from lmedit.defaults import DEFAULT_METHOD  # the method used when none is named (named once there)
-from lmedit.editors import alphaedit, ft, ike, kn, lora, memit, mend, noop, rome, serac  # noqa: F401  (each registers itself under its module name; ft also as ft_l)
+from lmedit.editors import alphaedit, ft, grace, ike, kn, lora, memit, mend, noop, rome, serac, wise  # noqa: F401  (each registers itself under its module name; ft also as ft_l and ft_m)
+from lmedit.editors.adaptor import AdaptorEdit
 from lmedit.editors.base import Edit, EditMeta, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
 from lmedit.errors import RequestError
 from lmedit.models.load import as_lm
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_METHOD", "Edit", "EditMeta", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "WrapperEdit", "edit",
+__all__ = ["DEFAULT_METHOD", "AdaptorEdit", "Edit", "EditMeta", "Editor", "EditorConfig", "ParamDelta", "WeightEdit", "WrapperEdit", "edit",
            "get_editor", "load_edit"]
 
 

@@ -1,6 +1,6 @@
 """Reading saved edit files: every check is done on load, before an `Edit` object exists.
 
-A saved edit is one safetensors file (`WeightEdit.save`, `WrapperEdit.save`). Its string metadata says
+A saved edit is one safetensors file (`WeightEdit.save`, `WrapperEdit.save`, `AdaptorEdit.save`). Its string metadata says
 what it is (`format`, `version`), which model it belongs to (`base_fingerprint`, never empty) and how it
 was made (`method`, JSON `config` and `info`); its tensors are the edit itself. `read_edit_file` refuses,
 with an `EditFileError` naming the file and what is wrong: a file that is not safetensors (random bytes,
@@ -10,7 +10,7 @@ weight edit's tensor names (`<parameter>::dense|left|right|keys`) and the shapes
 Stored text is only parsed, never formatted.
 
 Not handled here: whether the edit fits a model (fingerprint and parameter shapes are checked on apply)
-and the contents of a wrapper edit's own metadata (each `WrapperEdit.from_saved` checks its own).
+and the contents of a wrapper or adaptor edit's own metadata (each `from_saved` checks its own).
 """
 
 from __future__ import annotations
@@ -28,8 +28,10 @@ FORMAT_VERSION = 1                 # what `save` writes
 KNOWN_VERSIONS = frozenset({1})    # what `load` reads
 WEIGHT_FORMAT = "lmedit.weight_edit"
 WRAPPER_FORMAT = "lmedit.wrapper_edit"
+ADAPTOR_FORMAT = "lmedit.adaptor_edit"
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Keys every saved edit's metadata has; each kind adds its own (`requests`; `wrapper`, `wrapper_meta`).
+# Keys every saved edit's metadata has; each kind adds its own (`requests`; `wrapper`, `wrapper_meta`;
+# `adaptor`, `site`, `adaptor_meta`).
 COMMON_KEYS = ("format", "version", "method", "config", "base_fingerprint", "info")
 WEIGHT_PARTS = ("dense", "left", "right", "keys")
 _PARAM_NAME = re.compile(r"[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)*")   # as in `model.named_parameters()`

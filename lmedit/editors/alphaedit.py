@@ -9,7 +9,8 @@ the edits already applied (read off those edits, so sequential edits stop erodin
 which lies in P's range, because P commutes with the bracket. α = `l2` × tr(C)/d_mlp, so it is in the
 keys' units whatever the model.
 
-P is cached on disk keyed by the model's fingerprint, the layer, the corpus and its size, and the threshold.
+P is cached on disk keyed by the model's exact weights hash (`LM.weights_hash`), the layer, the corpus and its
+size, and the threshold.
 (The paper's code saves one projection file without a key and reuses it for any model; we do not.)
 
 Not handled: preserving keys other than the corpus's and the applied edits' (e.g. a user's own list).
@@ -83,7 +84,7 @@ class AlphaEditEditor(MassEditor[AlphaEditConfig]):
         """P for `layer`, read from the cache (checked: `lmedit.cache`) or computed from C and written (atomically)."""
         path = self.projection_path(lm, layer)
         spec = self.config.corpus_spec()
-        provenance = {"kind": "nullspace_projection", "model": lm.fingerprint, "layer": layer,
+        provenance = {"kind": "nullspace_projection", "model": lm.weights_hash, "layer": layer,
                       "corpus": spec.corpus_id(), "n_tokens": spec.n_tokens,
                       "threshold": self.config.nullspace_threshold}
         stored = read_tensors(path, provenance, {"P": (tuple(C.shape), torch.float32)})

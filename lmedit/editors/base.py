@@ -6,8 +6,9 @@ so a failed edit leaves the model bit-identical. The harness, ledger, CLI and an
 edit *kinds* and never name a method.
 
 Kinds implemented here: `WeightEdit` (per-parameter deltas, low-rank factors kept when the method
-produces them) and `WrapperEdit` (changes what the model computes for some inputs, weights untouched).
-`PromptEdit` arrives with the editor that needs it.
+produces them) and `WrapperEdit` (changes what the model reads for some inputs, weights untouched). The third
+kind, `AdaptorEdit` (a persistent hook that rewrites one layer's output for some inputs: GRACE's codebook),
+lives in `lmedit.editors.adaptor`, which `load_edit` imports when it reads one.
 
 Which edits are applied is owned by the model bundle: `lm.edits` (`lmedit.models.applied.AppliedEdits`), which
 `apply` pushes to and `undo` removes from, for every kind. Every edit declares what it is in one typed record,
@@ -39,9 +40,11 @@ from safetensors.torch import save
 
 from lmedit.cache import atomic_write
 from lmedit.config import check_ranges
-from lmedit.editors._edit_files import (FORMAT_VERSION, WEIGHT_FORMAT, WRAPPER_FORMAT, check_metadata, check_tensor_names,
-                                        json_field, read_metadata, read_tensors, weight_parts)
+from lmedit.editors._edit_files import (ADAPTOR_FORMAT, FORMAT_VERSION, WEIGHT_FORMAT, WRAPPER_FORMAT, check_metadata,
+                                        check_tensor_names, json_field, read_metadata, read_tensors, weight_parts)
 from lmedit.errors import EditFailedError, EditFileError, LMEditError, RequestError
+from lmedit.models.params import read as read_param
+from lmedit.models.params import write as write_params
 from lmedit.tokens import check_requests_fit
 from lmedit.types import EditDescriptor, EditRequest
 
@@ -187,7 +190,7 @@ class EditMeta:
     """What an edit is, for records (ledger rows, saved files, reports); nothing branches on `method`.
 
     Attributes:
-        kind: "weight" or "wrapper".
+        kind: "weight", "wrapper" or "adaptor".
         method: registry name of the editor that produced it.
         requests: the requests (or descriptors) it realises.
         config: the editor's settings as a plain dict.
@@ -250,6 +253,14 @@ class Edit(ABC):
 class WeightEdit(Edit):
     """Deltas added to named parameters. Undo restores the saved original values, bit for bit.
 
+    Precision: `apply` adds each delta to the parameter in float64 and rounds the sum once to the parameter's
+    dtype. The deltas themselves are float32 (float64 maths, stored as float32), whatever the dtype of the
+    model they were computed on, and the base fingerprint names the checkpoint, not its dtype
+    (`LM.fingerprint`): an edit saved from the float32 model applies to a bfloat16 or float16 copy of the same
+    checkpoint (W_bf16 + Δ, rounded once to bfloat16) and vice versa. The edited weights then differ from the
+    ones the edit was fitted on by that copy's rounding (up to 2⁻⁹ relative in bfloat16), so the fitted
+    equation (ROME: W' k = v*) holds to that precision. Undo is bit-exact in every dtype.
+
     Attributes:
         deltas: parameter name (as in `model.named_parameters()`) -> its `ParamDelta`.
         requests: the edit requests this realises.
@@ -292,14 +303,14 @@ class WeightEdit(Edit):
             p = params[name]
             if tuple(p.shape) != delta.shape:
                 raise LMEditError(f"edit for {name!r} has shape {delta.shape}, parameter has {tuple(p.shape)}")
-            new = (p.data.to(torch.float64) + delta.full(torch.float64, p.device)).to(p.dtype)
+            current = read_param(lm.model, name)  # where it lives (accelerate may have offloaded it)
+            new = (current.to(torch.float64) + delta.full(torch.float64, current.device)).to(p.dtype)
             if not torch.isfinite(new).all():
                 raise EditFailedError(f"edit would make {name!r} non-finite; the model is unchanged")
             new_values[name] = new
-        with torch.no_grad():
-            for name, new in new_values.items():
-                self._originals[name] = params[name].data.clone()
-                params[name].data.copy_(new)
+        originals = {name: read_param(lm.model, name).clone() for name in new_values}
+        write_params(lm.model, new_values)
+        self._originals.update(originals)
         self._lm = lm
         lm.edits.push(self)
         return self
@@ -312,10 +323,7 @@ class WeightEdit(Edit):
         clash = [e for e in later if isinstance(e, WeightEdit) and set(e.deltas) & set(self.deltas)]
         if clash:
             raise LMEditError(f"{len(clash)} edit(s) applied after this one change the same parameters; undo them first")
-        params = dict(self._lm.model.named_parameters())
-        with torch.no_grad():
-            for name, original in self._originals.items():
-                params[name].data.copy_(original)
+        write_params(self._lm.model, self._originals)
         self._lm.edits.remove(self)
         self._originals = {}
         self._lm = None
@@ -370,7 +378,7 @@ class WeightEdit(Edit):
                    base_fingerprint=meta["base_fingerprint"], info=common["info"], keys=keys)
 
 
-def _check_savable(edit: WeightEdit | WrapperEdit) -> None:
+def _check_savable(edit: Edit) -> None:
     """Refuse to write an edit that names no model: loading it would be refused (it could apply anywhere)."""
     if not isinstance(edit.base_fingerprint, str) or not edit.base_fingerprint.strip():
         raise LMEditError(f"this {edit.kind} edit (method {edit.method!r}) has no base_fingerprint, so a saved copy "
@@ -378,17 +386,24 @@ def _check_savable(edit: WeightEdit | WrapperEdit) -> None:
                           "the model it was made on before saving")
 
 
-def _check_applicable(edit: WeightEdit | WrapperEdit, lm: LM, check_fingerprint: bool) -> None:
+def _check_applicable(edit: Edit, lm: LM, check_fingerprint: bool) -> None:
     """Refuse to apply an edit twice, or to a model whose weights differ from the ones it was made on."""
     if edit.is_applied:
         raise LMEditError("this edit is already applied; undo() it first")
-    if check_fingerprint and edit.base_fingerprint and edit.base_fingerprint != lm.fingerprint:
+    if check_fingerprint and edit.base_fingerprint and not _is_checkpoint(lm, edit.base_fingerprint):
         raise LMEditError(
             f"this edit was made on a model with fingerprint {edit.base_fingerprint}, but {lm.name!r} has "
             f"{lm.fingerprint}; replay the requests on this model instead")
 
 
-def _save_envelope(edit: WeightEdit | WrapperEdit, path: str | Path, fmt: str, tensors: dict[str, torch.Tensor],
+def _is_checkpoint(lm: LM, fingerprint: str) -> bool:
+    """Whether `fingerprint` names `lm`'s checkpoint in any dtype (`LM.is_checkpoint`; a bundle-like test double
+    without it is compared by `fingerprint` alone)."""
+    is_checkpoint = getattr(lm, "is_checkpoint", None)
+    return is_checkpoint(fingerprint) if is_checkpoint is not None else fingerprint == lm.fingerprint
+
+
+def _save_envelope(edit: Edit, path: str | Path, fmt: str, tensors: dict[str, torch.Tensor],
                    extra: dict[str, str]) -> Path:
     """Write `tensors` and `edit`'s metadata record (plus `extra` fields) to one safetensors file, atomically:
     the one save format of every edit kind (read back by `lmedit.editors._edit_files`)."""
@@ -402,7 +417,7 @@ def _save_envelope(edit: WeightEdit | WrapperEdit, path: str | Path, fmt: str, t
 
 
 class WrapperEdit(Edit):
-    """An edit that wraps the model instead of changing its weights (SERAC, GRACE-style methods).
+    """An edit that wraps the model instead of changing its weights (SERAC, IKE).
 
     While applied, the text-level scoring functions route every prompt through `lm.edits.route`: each
     applied wrapper says, per prompt, whether the prompt is in its scope (with a score) and which text the
@@ -525,11 +540,14 @@ def load_edit(path: str | Path, *, label: str | None = None) -> Edit:
 
     Raises:
         MissingFileError: no file at `path`.
-        EditFileError: the file is not an lmedit edit, or fails a check of `WeightEdit.load`/`WrapperEdit.load`.
+        EditFileError: the file is not an lmedit edit, or fails a check of its kind's `load`.
     """
+    from lmedit.editors.adaptor import AdaptorEdit  # here: that module builds on this one
+
     path = Path(path)
     fmt = read_metadata(path, label).get("format")
-    loaders: dict[str, Callable[..., Edit]] = {WEIGHT_FORMAT: WeightEdit.load, WRAPPER_FORMAT: WrapperEdit.load}
+    loaders: dict[str, Callable[..., Edit]] = {WEIGHT_FORMAT: WeightEdit.load, WRAPPER_FORMAT: WrapperEdit.load,
+                                               ADAPTOR_FORMAT: AdaptorEdit.load}
     if fmt not in loaders:
         raise EditFileError(f"{label or path} is not an lmedit edit (format={fmt!r}; known: {sorted(loaders)})")
     return loaders[fmt](path, label=label)

@@ -150,9 +150,9 @@ class KnEditor(Editor[KnConfig]):
         facts = builtin_facts()[:c.refine_facts]
         layers = "-".join(map(str, c.layers)) or "all"
         digest = hashlib.sha256(json.dumps([[f.text, f.answer] for f in facts]).encode()).hexdigest()[:8]
-        path = (self.cache.root / lm.fingerprint /
+        path = (self.cache.root / lm.weights_hash /
                 f"kn-contrast-n{len(facts)}-{digest}-m{c.steps}-t{c.threshold}-l{layers}.json")
-        provenance = {"kind": "kn_contrast", "model": lm.fingerprint, "facts": digest, "n_facts": len(facts),
+        provenance = {"kind": "kn_contrast", "model": lm.weights_hash, "facts": digest, "n_facts": len(facts),
                       "steps": c.steps, "threshold": c.threshold, "layers": list(c.layers)}
         shape = (len(facts), lm.n_layers, lm.arch.d_mlp(lm.model))
         stored = read_json(path, provenance, lambda payload: _check_neuron_sets(payload, *shape))
@@ -232,7 +232,7 @@ class KnEditor(Editor[KnConfig]):
             e_old = _unit_unembedding(lm, old_id) if old_id is not None else torch.zeros_like(e_new)
             acts = kn.activations
             for layer in sorted({layer for layer, _ in neurons}):
-                W = lm.arch.weight(lm.model, layer, "mlp_out").detach().to(torch.float64)  # (d_model, d_mlp)
+                W = lm.arch.weight_value(lm.model, layer, "mlp_out").detach().to(torch.float64)  # (d_model, d_mlp)
                 coef = torch.zeros(W.shape[1], 2, dtype=torch.float64)  # (d_mlp, 2): weights of ê_new, ê_old
                 for index in sorted(i for l_, i in neurons if l_ == layer):
                     sign = 1.0 if float(acts[layer, index]) >= 0 else -1.0

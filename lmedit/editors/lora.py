@@ -42,6 +42,7 @@ from lmedit.config import check_ranges, to_dict
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.editors.steps.finetune import MODULES, target_batch, train_on_targets
 from lmedit.errors import ConfigError, LMEditError, MissingDependencyError
+from lmedit.models.params import resident
 from lmedit.registry import editors
 from lmedit.types import EditRequest
 
@@ -104,9 +105,17 @@ def lora_adapter(lm: LM, modules: Sequence[str], config: LoraEditConfig) -> Iter
     KeyboardInterrupt) the original module objects are put back, peft's `peft_config` attribute is removed
     and every parameter's `requires_grad` flag is restored: the model is exactly as before.
 
+    Modules whose weights accelerate offloaded hold them in memory for the block (`models.params.resident`).
+
     Yields:
         module name -> peft's LoRA layer standing in for it (`lora_A[ADAPTER]`, `lora_B[ADAPTER]`, `scaling`).
     """
+    with resident(lm.model, [f"{name}.weight" for name in modules]), _injected(lm, modules, config) as layers:
+        yield layers
+
+
+@contextmanager
+def _injected(lm: LM, modules: Sequence[str], config: LoraEditConfig) -> Iterator[dict[str, nn.Module]]:
     peft = require_peft()
     model = lm.model
     flags = {name: p.requires_grad for name, p in model.named_parameters()}
@@ -167,10 +176,12 @@ class LoraEditor(Editor[LoraEditConfig]):
             trained = train_on_targets(lm, params, batch, steps=config.steps, lr=config.lr,
                                        weight_decay=config.weight_decay, early_stop_loss=config.early_stop_loss,
                                        label="LoRA training", progress=self.progress)
+            # The trained A and B (float32 masters on a half-precision model: `train_on_targets`).
+            value = {id(p): v for p, v in zip(params, trained.values)}
             for name, module in zip(names, modules):
                 layer = adapters[module]
-                a = layer.lora_A[ADAPTER].weight.detach().to(torch.float32).clone()  # (rank, d_in)
-                b = layer.lora_B[ADAPTER].weight.detach().to(torch.float32).clone()  # (d_out, rank)
+                a = value[id(layer.lora_A[ADAPTER].weight)].detach().to(torch.float32).clone()  # (rank, d_in)
+                b = value[id(layer.lora_B[ADAPTER].weight)].detach().to(torch.float32).clone()  # (d_out, rank)
                 left, right = b * layer.scaling[ADAPTER], a.T.contiguous()  # canonical Δ = left @ right.T
                 p_left, p_right = lm.arch.factors_to_param_layout(left, right)
                 deltas[name] = ParamDelta(left=p_left.to(lm.device), right=p_right.to(lm.device))
@@ -234,7 +245,7 @@ def export_peft_adapter(edit: WeightEdit, lm: LM, directory: str | Path) -> Path
 
     if not isinstance(edit, WeightEdit):
         raise LMEditError(f"only weight edits can be written as a LoRA adapter, got a {edit.kind} edit")
-    if edit.base_fingerprint and edit.base_fingerprint != lm.fingerprint:
+    if edit.base_fingerprint and not lm.is_checkpoint(edit.base_fingerprint):
         raise LMEditError(f"this edit was made on a model with fingerprint {edit.base_fingerprint}, but {lm.name!r} "
                           f"has {lm.fingerprint}; export it with the model it was made on")
     if not edit.deltas:

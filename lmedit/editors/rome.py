@@ -31,6 +31,7 @@ from lmedit.config import check_ranges, to_dict
 from lmedit.editors.steps.value import ValueOptions, context_prefixes, optimize_value, prefix_token_bound
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
+from lmedit.models.params import read
 from lmedit.registry import editors
 from lmedit.stats import CorpusSpec, StatsCache, key_second_moment
 from lmedit.types import EditRequest
@@ -157,10 +158,12 @@ class RomeEditor(Editor[RomeConfig]):
         # The keys at the subject's last token of each prefixed prompt come out of the optimisation's
         # first (unedited) forward: (n_templates, d_mlp), row 0 the bare prompt.
         value = optimize_value(lm, layer, request, prefixes, self.config.value_options(), with_keys=True)
-        keys = value.keys
+        keys = value.keys.float()  # read in the model's dtype: a half-precision model's keys are averaged in float32
         k_star = keys.mean(0)
-        W = lm.arch.weight(lm.model, layer, "mlp_out")
+        W = lm.arch.weight_value(lm.model, layer, "mlp_out")
         bias = getattr(module, "bias", None)
+        if bias is not None and bias.device.type == "meta":  # offloaded by accelerate: read where it lives
+            bias = read(lm.model, lm.arch.param_name(lm.model, layer, "mlp_out").rpartition(".")[0] + ".bias")
         k_solve = keys[0] if self.config.original_key_mix else None  # keys[0]: the bare prompt ("" prefix)
         left, right = rank_one_update(W, bias, C, k_star, value.v_star, k_solve)
         if not (torch.isfinite(left).all() and torch.isfinite(right).all()):

@@ -11,7 +11,10 @@ a weight edit say so before it lands:
 
 The limits sit 5–10× above the largest values the shipped settings of the weight editors (FT, FT-L, KN,
 ROME, MEMIT, AlphaEdit) gave on the first three starter facts on both built-in models (docs/editors.md,
-"Destructive settings"). Wrapper edits leave the weights alone and are not assessed.
+"Destructive settings"). Adaptor edits (GRACE's codebook, which rewrites a layer's output wherever an entry
+matches) get the probe-text check only: they change no weight, but a radius that matches every position
+wrecks ordinary text as surely as a huge update. Wrapper edits (SERAC, IKE) change what the model reads,
+only for inputs in their scope, and are not assessed.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from dataclasses import dataclass
 from lmedit.editors.base import Edit, WeightEdit
 from lmedit.errors import LMEditError
 from lmedit.models.load import LM
+from lmedit.models.params import read
 
 MAX_RELATIVE_NORM = 1.0   # ‖Δ‖/‖W‖; shipped settings: at most 0.18 on 3 starter facts, 0.23 on 5 (ROME, gemma3-270m)
 MAX_PROBE_RISE = 0.5      # nats; shipped settings: at most 0.06 on 3 starter facts, 0.20 on 5 (KN, gemma3-270m)
@@ -56,25 +60,26 @@ def relative_norms(edit: WeightEdit, lm: LM) -> dict[str, float]:
             assert delta.left is not None and delta.right is not None
             L, R = delta.left.double(), delta.right.double()
             size = math.sqrt(max(float(((L.T @ L) * (R.T @ R)).sum()), 0.0))
-        weight = float(params[name].detach().double().norm()) if name in params else 0.0
+        weight = float(read(lm.model, name).double().norm()) if name in params else 0.0
         out[name] = size / weight if weight > 0 else math.inf
     return out
 
 
 def assess(edit: Edit, lm: LM) -> Assessment:
     """Measure an unapplied edit against the limits; the model is left exactly as it was."""
-    if not isinstance(edit, WeightEdit) or edit.is_applied:
+    if edit.is_applied or edit.kind not in ("weight", "adaptor"):
         return Assessment(None, None, ())
     from lmedit.eval.health import probe_loss
 
-    norms = relative_norms(edit, lm)
-    worst_name, worst = max(norms.items(), key=lambda kv: kv[1], default=("", 0.0))
+    worst_name, worst = "", None
+    if isinstance(edit, WeightEdit):
+        worst_name, worst = max(relative_norms(edit, lm).items(), key=lambda kv: kv[1], default=("", 0.0))
     reasons = []
-    if not worst <= MAX_RELATIVE_NORM:
+    if worst is not None and not worst <= MAX_RELATIVE_NORM:
         reasons.append(f"it changes {worst_name} by {worst:.3g}× its own size (shipped settings stay under "
                        f"{MAX_RELATIVE_NORM:g}×)")
     before = probe_loss(lm)
-    edit.apply(lm, check_fingerprint=False)
+    edit.apply(lm, check_fingerprint=False)  # type: ignore[call-arg]  (weight and adaptor edits take it)
     try:
         rise = probe_loss(lm) - before
     finally:

@@ -8,8 +8,8 @@
 
 Definitions: docs/evaluation.md. Modules: `datasets/` (registry of loaders), `records` (EvalRecord,
 Probe), `measure` (batched scoring), `metrics` (registered metrics), `summary` (bootstrap intervals,
-harmonic-mean score), `harness` (single/batch/sequential loop), `frame` (rows as a DataFrame),
-`report` and `plots`.
+harmonic-mean score), `harness` (single/batch/sequential loop), `workers` (single/batch modes on Ray
+workers), `frame` (rows as a DataFrame), `report` and `plots`.
 """
 
 from lmedit.eval.datasets import Dataset, DatasetError, load_dataset

@@ -20,6 +20,9 @@ sequential mode, edits/ (each edit, so `resume` re-applies instead of recomputin
 record each edit's health (`eval/health.py`: update norm, ROME denominator, probe-text loss) as rows of
 kind "health", flag disabling edits, and optionally refuse them (`refuse_disabling`).
 
+Single and batch modes run their records (chunks) here one after another, or on Ray workers (`workers=N`,
+`eval/workers.py`) with the same rows, in the same order, in the same files: only this process writes them.
+
 Not handled: several processes writing one out_dir; resuming a batch mid-chunk (the chunk is redone).
 """
 
@@ -51,6 +54,7 @@ if TYPE_CHECKING:
     import pandas as pd
 
     from lmedit.models.load import LM
+    from lmedit.parallel import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +212,8 @@ def evaluate(lm: LM, dataset: str | Dataset | Sequence[EvalRecord], method: str 
              data_path: str | Path | None = None, limit: int | None = None,
              editor_config: EditorConfig | dict[str, Any] | str | Path | None = None,
              config: EvalConfig | None = None, out_dir: str | Path | None = None, resume: bool = False,
-             progress: ProgressFn | None = None, **overrides: Any) -> EvalResult:
+             progress: ProgressFn | None = None, workers: int | WorkerPool = 0, ray_address: str | None = None,
+             worker_threads: int = 1, **overrides: Any) -> EvalResult:
     """Evaluate an editing method on a dataset, beside the unedited model.
 
     Args:
@@ -223,19 +228,32 @@ def evaluate(lm: LM, dataset: str | Dataset | Sequence[EvalRecord], method: str 
         out_dir: write records.jsonl, summary.json and run.json here (None: keep in memory only).
         resume: continue an interrupted run in `out_dir`, skipping finished records/checkpoints.
         progress: called with a `ProgressEvent` after each unit of work (the CLI draws a bar from it).
+        workers: > 0: run the records (batch mode: the chunks) on this many Ray actors (`lmedit.parallel`;
+            `pip install 'lmedit[ray]'`), each loading the model again by `lm.name`; or a running
+            `lmedit.parallel.WorkerPool` for `lm`, to share its actors between runs. The rows, files and
+            summary are the same as without. A record whose worker dies twice is skipped as "worker_died".
+            Not for sequential mode, where each edit depends on the ones before. The editor must be a
+            registered one (workers rebuild it from its name and settings).
+        ray_address: the Ray cluster to join (default: start a local instance, shut down afterwards).
+        worker_threads: torch threads (and Ray CPUs) per worker.
 
     Returns:
         `EvalResult` with the summary (means, 95% intervals, harmonic-mean score, skipped counts) and rows.
 
     Raises:
         DatasetError: invalid records in strict mode, or a dataset file that cannot be read.
-        LMEditError: `out_dir` holds a different run, or results without `resume`.
+        LMEditError: `out_dir` holds a different run, or results without `resume`; `workers` in sequential mode.
+        MissingDependencyError: `workers` without Ray installed.
         NotAnLMError: `lm` is a bare transformers model (wrap it with `lmedit.LM.from_hf`).
     """
     lm = as_lm(lm)
     config = config or EvalConfig()
     if overrides:
         config = EvalConfig(**{**asdict(config), **overrides})
+    if workers:
+        from lmedit.eval.workers import check_parallel
+
+        check_parallel(config, workers, worker_threads)
     editor, method_name = _resolve_editor(lm, method, editor_config)
     data = _resolve_dataset(dataset, data_path, config.strict)
     skipped: list[dict[str, Any]] = [{"reason": "invalid_record", **i.to_dict()} for i in data.issues]
@@ -277,8 +295,12 @@ def evaluate(lm: LM, dataset: str | Dataset | Sequence[EvalRecord], method: str 
     tfidf = Tfidf().fit(t for r in records + drift for t in r.reference_texts if r.reference_texts)
     writer = _Writer(out)
     started = time.perf_counter()
-    runner = {"single": _run_single, "batch": _run_batch, "sequential": _run_sequential}[config.mode]
-    rows = runner(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress)
+    if config.mode == "sequential":
+        rows = _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress)
+    else:
+        parallel = dict(workers=workers, threads=worker_threads, address=ray_address) if workers else None
+        rows = _run_units(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress,
+                          parallel=parallel)
     summary = summarize(rows, run=run, skipped=skipped, n_boot=config.n_bootstrap, seed=config.seed)
     summary["elapsed_s"] = time.perf_counter() - started
     if out is not None:
@@ -323,31 +345,31 @@ def _edit_info(edit: Edit) -> dict[str, Any]:
     return dict(edit.info)
 
 
-def _run_single(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress) -> list[dict[str, Any]]:
+def _single_unit(lm: LM, editor: Editor, unit: Sequence[EvalRecord], config: EvalConfig,
+                 tfidf: Tfidf) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One record of single mode: measure, edit, measure with the edit applied, undo. Returns (rows, skipped)."""
+    (record,) = unit
+    skipped: list[dict[str, Any]] = []
+    pre = measure(lm, [record], generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)[0]
+    edit, seconds = _make_edit(lm, editor, record, skipped)
+    if edit is None:
+        return [], skipped
+    try:
+        with edit.applied(lm):
+            post = measure(lm, [record], generation_tokens=config.generation_tokens,
+                           batch_size=config.score_batch_size)[0]
+    except LMEditError as exc:  # e.g. the edit would make weights non-finite: the model is untouched
+        return [], [{"reason": "edit_failed", "case_id": record.case_id, "message": str(exc)}]
+    return [_row(record, pre, post, tfidf, mode="single", n_edits=1, edit_seconds=seconds,
+                 edit_info=_edit_info(edit))], skipped
+
+
+def _plan_single(records: Sequence[EvalRecord], previous: list[dict[str, Any]],
+                 config: EvalConfig) -> tuple[list[dict[str, Any]], list[list[EvalRecord]]]:
+    """Rows kept from an earlier run, and the units still to run (one record each)."""
     rows = [r for r in previous if r.get("mode") == "single"]
-    writer.rewrite(rows)
     done = {r["case_id"] for r in rows}
-    todo = [r for r in records if r.case_id not in done]
-    bar = _Progress(progress, len(todo), "edit")
-    for record in todo:
-        pre = measure(lm, [record], generation_tokens=config.generation_tokens, batch_size=config.score_batch_size)[0]
-        edit, seconds = _make_edit(lm, editor, record, skipped)
-        if edit is None:
-            bar.step()
-            continue
-        try:
-            with edit.applied(lm):
-                post = measure(lm, [record], generation_tokens=config.generation_tokens,
-                               batch_size=config.score_batch_size)[0]
-        except LMEditError as exc:  # e.g. the edit would make weights non-finite: the model is untouched
-            skipped.append({"reason": "edit_failed", "case_id": record.case_id, "message": str(exc)})
-            bar.step()
-            continue
-        row = _row(record, pre, post, tfidf, mode="single", n_edits=1, edit_seconds=seconds, edit_info=_edit_info(edit))
-        writer.write(row)
-        rows.append(row)
-        bar.step()
-    return rows
+    return rows, [[r] for r in records if r.case_id not in done]
 
 
 def _post_with_kl(lm: LM, records: Sequence[EvalRecord], pres: Sequence[Measurement], edits: Sequence[Edit],
@@ -366,36 +388,64 @@ def _post_with_kl(lm: LM, records: Sequence[EvalRecord], pres: Sequence[Measurem
     return rows
 
 
-def _run_batch(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress) -> list[dict[str, Any]]:
+def _batch_unit(lm: LM, editor: Editor, chunk: Sequence[EvalRecord], config: EvalConfig,
+                tfidf: Tfidf) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """One chunk of batch mode: measure all, one edit with all their requests, measure all, undo."""
+    pres = measure(lm, chunk, keep_dists=False, generation_tokens=config.generation_tokens,
+                   batch_size=config.score_batch_size)
+    start = time.perf_counter()
+    try:
+        edit = editor.edit(lm, [q for r in chunk for q in r.requests])
+        edit.apply(lm)
+    except LMEditError as exc:
+        return [], [{"reason": "edit_failed", "case_id": r.case_id, "message": str(exc)} for r in chunk]
+    seconds = time.perf_counter() - start
+    try:
+        return _post_with_kl(lm, chunk, pres, [edit], config, tfidf, mode="batch", n_edits=len(chunk),
+                             edit_seconds=seconds, edit_info=_edit_info(edit)), []
+    finally:
+        edit.undo()
+
+
+def _plan_batch(records: Sequence[EvalRecord], previous: list[dict[str, Any]],
+                config: EvalConfig) -> tuple[list[dict[str, Any]], list[list[EvalRecord]]]:
+    """Rows of chunks an earlier run finished, and the chunks still to run (a chunk cut short is redone)."""
     rows = [r for r in previous if r.get("mode") == "batch"]
     done = {r["case_id"] for r in rows}
-    chunks = [records[i:i + config.batch_size] for i in range(0, len(records), config.batch_size)]
+    chunks = [list(records[i:i + config.batch_size]) for i in range(0, len(records), config.batch_size)]
     todo = [c for c in chunks if not all(r.case_id in done for r in c)]
     finished = {r.case_id for c in chunks if all(x.case_id in done for x in c) for r in c}
-    rows = [r for r in rows if r["case_id"] in finished]
+    return [r for r in rows if r["case_id"] in finished], todo
+
+
+_UNITS = {"single": (_plan_single, _single_unit), "batch": (_plan_batch, _batch_unit)}
+
+
+def _run_units(lm, editor, records, drift, config, tfidf, writer, previous, skipped, out, progress, *,
+               parallel: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Single and batch modes: independent units (a record, a chunk), run here one after another or on Ray
+    workers (`parallel`: workers, threads, address); either way rows are appended in the order of the units."""
+    plan, work = _UNITS[config.mode]
+    rows, units = plan(records, previous, config)
     writer.rewrite(rows)
-    bar = _Progress(progress, sum(len(c) for c in todo), "edit")
-    for chunk in todo:
-        pres = measure(lm, chunk, keep_dists=False, generation_tokens=config.generation_tokens,
-                       batch_size=config.score_batch_size)
-        start = time.perf_counter()
-        try:
-            edit = editor.edit(lm, [q for r in chunk for q in r.requests])
-            edit.apply(lm)
-        except LMEditError as exc:
-            skipped += [{"reason": "edit_failed", "case_id": r.case_id, "message": str(exc)} for r in chunk]
-            bar.step(len(chunk))
-            continue
-        seconds = time.perf_counter() - start
-        try:
-            new = _post_with_kl(lm, chunk, pres, [edit], config, tfidf, mode="batch", n_edits=len(chunk),
-                                edit_seconds=seconds, edit_info=_edit_info(edit))
-        finally:
-            edit.undo()
+    bar = _Progress(progress, sum(len(u) for u in units), "edit")
+
+    def keep(new: list[dict[str, Any]], failed: list[dict[str, Any]]) -> None:
+        skipped.extend(failed)
         for row in new:
             writer.write(row)
-        rows += new
-        bar.step(len(chunk))
+        rows.extend(new)
+
+    if not parallel:
+        for unit in units:
+            keep(*work(lm, editor, unit, config, tfidf))
+            bar.step(len(unit))
+        return rows
+    from lmedit.eval.workers import run_on_workers
+
+    for outcome in run_on_workers(lm, editor, units, config, tfidf, on_done=lambda unit: bar.step(len(unit)),
+                                  **parallel):
+        keep(*outcome)
     return rows
 
 

@@ -12,7 +12,7 @@ the ledger already holds (importing twice changes nothing).
 `export_model` writes base + applied edits with `save_pretrained` (safetensors, config, tokenizer), so
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads it without lmedit.
 
-Not handled: exporting wrapper edits as a plain model (they are modules around the model, not weights).
+Not handled: exporting wrapper or adaptor edits (GRACE's codebook) as a plain model: they are not weights.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from lmedit.ledger.ledger import param_sha256
 from lmedit.ledger.probes import record_from_dict
 from lmedit.ledger.store import IMPORT_PREFIX, LedgerError, file_sha256, new_patch_name, now
 from lmedit.models.load import weights_fingerprint
+from lmedit.models.params import read
 from lmedit.types import request_from_dict
 
 if TYPE_CHECKING:
@@ -271,14 +272,13 @@ def import_patch(ledger: Ledger, file: str | Path, lm: LM | None = None) -> list
                           f"but the ledger {ledger.path} is for base {ledger.base_fingerprint} ({ledger.model})")
     if lm is not None:
         ledger.detach(lm)
-        actual = weights_fingerprint(lm.model)
-        if actual != base:
+        if not lm.is_checkpoint(base) or weights_fingerprint(lm.model) != lm.weights_hash:
             raise LedgerError(f"model hash mismatch: {file} holds edits of base model {base} ({manifest.get('model')}), "
-                              f"but {lm.name!r} has hash {actual}; load that base model, or replay the requests "
-                              "with `lmedit ledger replay`")
+                              f"but {lm.name!r} has hash {lm.fingerprint}; load that base model, or replay the "
+                              "requests with `lmedit ledger replay`")
         params = dict(lm.model.named_parameters())
         for name, expected in manifest.get("base_params", {}).items():
-            if name not in params or param_sha256(params[name]) != expected["sha256"]:
+            if name not in params or param_sha256(read(lm.model, name)) != expected["sha256"]:
                 raise LedgerError(f"model hash mismatch: {lm.name!r}'s {name} differs from the base the patch was "
                                   f"made on ({file})")
     held = {r.patch_sha256 for r in ledger.entries()}
@@ -339,8 +339,13 @@ def export_model(ledger: Ledger, lm: LM, out_dir: str | Path, *, overwrite: bool
     rows = ledger.entries("applied")
     other = [f"{r.id} ({r.kind})" for r in rows if r.kind != "weight"]
     if other:
-        raise LedgerError(f"edits {', '.join(other)} are not weight edits and cannot be written into plain weights; "
-                          "revert them, or ship the ledger's patch file instead")
+        why = {"wrapper": "a wrapper edit changes what the model reads, not its weights",
+               "adaptor": f"an adaptor edit ({', '.join(sorted({r.method for r in rows if r.kind == 'adaptor'}))}) is "
+                          "a codebook consulted at every forward (a lookup of the layer's input), which no weight "
+                          "change reproduces, so it cannot be merged into the weights"}
+        reasons = "; ".join(why[k] for k in sorted({r.kind for r in rows}) if k in why)
+        raise LedgerError(f"edits {', '.join(other)} are not weight edits and cannot be written into plain weights "
+                          f"({reasons}); revert them, or ship the ledger's patch file instead")
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise LedgerError(f"{out} exists and is not empty; pass overwrite=True (--overwrite) or another directory")

@@ -14,9 +14,12 @@ applied patches, with no floating-point drift from subtracting deltas. The ledge
 through the `Edit` interface only (`apply`, `undo`, `save`, `lmedit.editors.load_edit`, `kind`): weight
 and wrapper edits alike; reverting a wrapper edit is its `undo()` (its memory entry goes away).
 
-The base is checked when a model is first attached: `weights_fingerprint` of the model must equal the
-ledger's base hash, and every parameter a recorded edit touches must hash (sha256, all bits) to the
-value recorded when it was first touched.
+The base is checked when a model is first attached: the ledger's base hash must name the model's
+checkpoint (`LM.is_checkpoint`: its dtype-independent `LM.fingerprint`, or for a ledger begun before
+fingerprints were dtype-independent its exact `LM.weights_hash`), the weights must be the ones the model
+was loaded with (`weights_fingerprint` equals `LM.weights_hash`), and every parameter a recorded edit touches
+must hash (sha256, all bits) to the value recorded when it was first touched. That last check makes a
+ledger dtype-specific: its patches rebuild the base bit for bit in the dtype it was begun in.
 
 Not handled: edits recorded against different base models in one ledger (one ledger per base model).
 """
@@ -38,6 +41,7 @@ from lmedit.ledger.audit import AuditConfig, AuditReport, audit_record, edit_sta
 from lmedit.ledger.probes import build_record, record_from_dict, record_to_dict
 from lmedit.ledger.store import (EditRow, LedgerError, Store, file_sha256, new_patch_name, now, test_pause)
 from lmedit.models.load import weights_fingerprint
+from lmedit.models.params import read
 from lmedit.settings import resolve_editor
 from lmedit.types import EditRequest, request_from_dict
 
@@ -220,17 +224,26 @@ class Ledger:
         base = self.base_fingerprint
         if base is None:
             return
-        actual = weights_fingerprint(lm.model)
-        if actual != base:
+        if not lm.is_checkpoint(base):
             raise LedgerError(
                 f"model hash mismatch: the ledger {self.path} holds edits of a base model with hash {base} "
-                f"({self.model}), but {lm.name!r} has hash {actual}; load that model, or replay the requests "
+                f"({self.model}), but {lm.name!r} has hash {lm.fingerprint}; load that model, or replay the requests "
                 f"onto this one with `lmedit ledger replay --onto {lm.name}`")
+        actual = weights_fingerprint(lm.model)
+        if actual != lm.weights_hash:
+            raise LedgerError(
+                f"model hash mismatch: {lm.name!r}'s weights changed since it was loaded (weights hash "
+                f"{lm.weights_hash}, now {actual}) outside its edits; load the base model again")
         params = dict(lm.model.named_parameters())
         for name, expected in self.store.base_params().items():
             if name not in params:
                 raise LedgerError(f"{lm.name!r} has no parameter {name!r}, which edits in {self.path} change")
-            if param_sha256(params[name]) != expected["sha256"]:
+            if str(params[name].dtype) != expected["dtype"]:
+                raise LedgerError(
+                    f"{lm.name!r}'s {name} is {params[name].dtype}, but the ledger {self.path} rebuilds its base in "
+                    f"{expected['dtype']}, bit for bit: load the model in that dtype (a saved edit, unlike a "
+                    f"ledger, applies to any dtype: `lmedit ledger export` then apply the patches' edits)")
+            if param_sha256(read(lm.model, name)) != expected["sha256"]:
                 raise LedgerError(f"{lm.name!r}'s {name} differs from the base value recorded in {self.path} "
                                   f"(same sampled hash {base}, different bits); refusing to apply patches to it")
 
@@ -276,19 +289,22 @@ class Ledger:
             raise LedgerError("record() takes an unapplied edit (the audit applies it itself)")
         base = self.base_fingerprint
         made_on = edit.base_fingerprint or lm.fingerprint
-        if not edit.base_fingerprint:
+        if base is not None and made_on != base and lm.is_checkpoint(made_on) and lm.is_checkpoint(base):
+            made_on = base  # a ledger begun before fingerprints were dtype-independent names the same model by its hash
+        if made_on != edit.base_fingerprint:
             edit.base_fingerprint = made_on  # made on `lm`: its patch file must name the model (checked on load)
         if base is not None and made_on != base:
             raise LedgerError(f"this edit was made on a model with hash {made_on}, but the ledger {self.path} is for "
                               f"base {base} ({self.model}); replay its requests instead")
         self._ensure(lm, self.applied_ids())
-        if base is None and weights_fingerprint(lm.model) != lm.fingerprint:
+        if base is None and weights_fingerprint(lm.model) != lm.weights_hash:
             raise LedgerError(f"{lm.name!r}'s weights changed since it was loaded (edits applied outside a ledger?); "
                               "start a ledger from the unedited model")
         params = dict(lm.model.named_parameters())
         known = self.store.base_params()
         # Parameters no recorded edit touches yet still hold their base values now: hash them before the edit.
-        new_params = {name: (tuple(params[name].shape), str(params[name].dtype), param_sha256(params[name]))
+        new_params = {name: (tuple(params[name].shape), str(params[name].dtype),
+                             param_sha256(read(lm.model, name)))
                       for name in _deltas(edit) if name not in known and name in params}
         # Triplet requests are audited; edit descriptors (free-text edits of wrapper methods) have no probes.
         records = [audit_record(lm, r, paraphrases=paraphrases, neighbors=neighbors, config=self.audit_config)

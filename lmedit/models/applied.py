@@ -12,7 +12,8 @@ Every edit kind registers here when applied and leaves when undone (`Edit.apply`
 
 One stack per model object (not per `LM` bundle), so two bundles wrapping the same transformers model see the
 same applied edits. The stack holds edits only through what every `Edit` declares (`kind`, `apply`, `undo`;
-weight edits' `deltas` and `keys`; wrapper edits' `match`), so this module imports no editor.
+weight edits' `deltas` and `keys`; wrapper edits' `match`; adaptor edits, such as GRACE's codebook, serve
+themselves through a hook and ask `of_kind("adaptor")` which of them are applied), so this module imports no editor.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class AppliedEdits:
         return f"AppliedEdits([{kinds}], ledger={self.ledger!r})"
 
     def of_kind(self, kind: str) -> list[Edit]:
-        """The applied edits of one kind ("weight", "wrapper"), oldest first."""
+        """The applied edits of one kind ("weight", "wrapper", "adaptor"), oldest first."""
         return [e.edit for e in self._entries if e.edit.kind == kind]
 
     def after(self, edit: Edit) -> list[Edit]:

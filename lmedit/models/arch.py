@@ -98,6 +98,13 @@ class ArchSpec:
         w = self.block_module(model, layer, name).weight
         return w.T if self.weight_layout == "in_out" else w
 
+    def weight_value(self, model: nn.Module, layer: int, name: WeightName) -> torch.Tensor:
+        """`weight`'s value, also when accelerate offloaded it (then a tensor read from its store, not a view)."""
+        from lmedit.models.params import read
+
+        w = read(model, self.param_name(model, layer, name))
+        return w.T if self.weight_layout == "in_out" else w
+
     def factors_to_param_layout(self, left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Factors of Δ = left @ right.T in canonical layout -> factors of the stored parameter's Δ."""
         return (right, left) if self.weight_layout == "in_out" else (left, right)

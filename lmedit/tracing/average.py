@@ -1,18 +1,23 @@
-"""Averages over many facts: the indirect effect by token bucket and layer (the paper's Fig. 2)."""
+"""Averages over many facts: the indirect effect by token bucket and layer (the paper's Fig. 2).
+
+Facts are traced one after another, or on Ray workers (`workers=N`, `lmedit.parallel`) with the same result:
+fact `i` draws its noise from seed `seed + i` wherever it runs, and the averages are taken in the facts' order.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
-from lmedit.errors import RequestError
+from lmedit.errors import LMEditError, RequestError
 from lmedit.tokens import find_subject
 from lmedit.tracing.engine import (
     BUCKETS,
@@ -27,6 +32,7 @@ from lmedit.tracing.single import encode_prompt, trace_kinds
 
 if TYPE_CHECKING:
     from lmedit.models.load import LM
+    from lmedit.parallel import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +90,8 @@ class AverageTraceResult:
 def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequence[str] = KINDS,
                   samples: int = 10, noise: float | None = None, window: int | None = None, seed: int = 0,
                   buckets: Sequence[str] = BUCKETS, known_only: bool = True,
-                  progress: ProgressFn | None = None) -> AverageTraceResult:
+                  progress: ProgressFn | None = None, workers: int | WorkerPool = 0, ray_address: str | None = None,
+                  worker_threads: int = 1) -> AverageTraceResult:
     """Average indirect effect over facts by token bucket (first/middle/last subject token, first
     subsequent, further, last token), with 95% bands, for each kind.
 
@@ -96,12 +103,19 @@ def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequenc
         known_only: keep only the facts the model gets right (as the paper does). When it gets none right
             (random test models), the model's own top prediction is traced instead, with a warning.
         progress: called as progress(facts done, facts total).
+        workers: > 0: trace the facts on this many Ray actors (`lmedit.parallel`; `pip install 'lmedit[ray]'`),
+            each loading the model again by `lm.name`, or a running `lmedit.parallel.WorkerPool` for `lm`; the
+            result is the same as without (each fact keeps its own seed, and the averages are taken in the
+            facts' order).
+        ray_address: the Ray cluster to join (default: start a local instance, shut down afterwards).
+        worker_threads: torch threads (and Ray CPUs) per worker.
 
     Returns:
         An `AverageTraceResult` (`n_known` says how many facts were kept).
 
     Raises:
         RequestError: no facts, or an unknown bucket.
+        MissingDependencyError: `workers` without Ray installed.
     """
     facts = builtin_facts() if facts is None else list(facts)
     if not facts:
@@ -109,6 +123,11 @@ def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequenc
     unknown = [b for b in buckets if b not in BUCKETS]
     if unknown:
         raise RequestError(f"unknown bucket(s) {unknown}; choose from {BUCKETS}")
+    if workers:
+        from lmedit.parallel import check_workers, require_ray
+
+        check_workers(workers if isinstance(workers, int) else None, worker_threads)
+        require_ray()
     n_layers = lm.n_layers
     window = default_window(n_layers) if window is None else window
     noise = embedding_noise(lm) if noise is None else noise
@@ -121,23 +140,18 @@ def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequenc
              "known" if known_only and use_answers else "all")
     per_kind: dict[str, dict[str, list[torch.Tensor]]] = {k: {b: [] for b in buckets} for k in kinds}
     clean, corrupted = [], []
-    for i, fact in enumerate(kept):
-        ids = encode_prompt(lm, fact.text)
-        span = find_subject(lm, fact.text, fact.subject)
-        groups = {b: pos for b, pos in token_buckets(len(ids), span.first, span.last).items() if b in buckets}
-        needed = sorted({t for pos in groups.values() for t in pos})
-        results = trace_kinds(lm, fact.text, fact.subject, fact.answer if use_answers else None, kinds=kinds,
-                              samples=samples, noise=noise, window=window, seed=seed + i, tokens=needed)
-        first = next(iter(results.values()))
-        clean.append(first.clean_prob)
-        corrupted.append(first.corrupted_prob)
-        for kind, result in results.items():
-            effect = result.effect  # (pos, n_layers)
-            for bucket, pos in groups.items():
-                if pos:
-                    per_kind[kind][bucket].append(effect[pos].mean(0))
-        if progress is not None:
-            progress(i + 1, len(kept))
+    task = _FactTask(kinds=tuple(kinds), buckets=tuple(buckets), samples=samples, noise=noise, window=window,
+                     seed=seed, use_answers=use_answers)
+    units = list(enumerate(kept))
+    for done, (fact_clean, fact_corrupted, effects) in enumerate(
+            _traced(lm, task, units, progress, workers, ray_address, worker_threads), start=1):
+        clean.append(fact_clean)
+        corrupted.append(fact_corrupted)
+        for kind, by_bucket in effects.items():
+            for bucket, effect in by_bucket.items():
+                per_kind[kind][bucket].append(effect)
+        if progress is not None and not workers:
+            progress(done, len(kept))
     mean: dict[str, list[list[float]]] = {}
     band: dict[str, list[list[float]]] = {}
     for kind in kinds:
@@ -159,3 +173,73 @@ def average_trace(lm: LM, facts: Sequence[Fact] | None = None, *, kinds: Sequenc
                               clean_prob=sum(clean) / len(clean), corrupted_prob=sum(corrupted) / len(corrupted),
                               samples=samples, noise=float(noise), window=window, model=lm.name,
                               known_only=known_only)
+
+
+FactOutcome = tuple[float, float, dict[str, dict[str, torch.Tensor]]]
+
+
+@dataclass(frozen=True)
+class _FactTask:
+    """One fact's trace, reduced to what the average needs: clean and corrupted P(answer), and per kind and
+    bucket the indirect effect averaged over the bucket's tokens, (n_layers,). Fact `i` uses noise seed
+    `seed + i` wherever it runs (here or on a Ray worker, `lmedit.parallel`)."""
+
+    kinds: tuple[str, ...]
+    buckets: tuple[str, ...]
+    samples: int
+    noise: float
+    window: int
+    seed: int
+    use_answers: bool
+
+    def setup(self, lm: LM) -> None:
+        pass
+
+    def run(self, lm: LM, unit: tuple[int, Fact]) -> FactOutcome:
+        i, fact = unit
+        ids = encode_prompt(lm, fact.text)
+        span = find_subject(lm, fact.text, fact.subject)
+        groups = {b: pos for b, pos in token_buckets(len(ids), span.first, span.last).items() if b in self.buckets}
+        needed = sorted({t for pos in groups.values() for t in pos})
+        results = trace_kinds(lm, fact.text, fact.subject, fact.answer if self.use_answers else None,
+                              kinds=self.kinds, samples=self.samples, noise=self.noise, window=self.window,
+                              seed=self.seed + i, tokens=needed)
+        first = next(iter(results.values()))
+        effects = {kind: {bucket: result.effect[pos].mean(0) for bucket, pos in groups.items() if pos}
+                   for kind, result in results.items()}  # result.effect: (pos, n_layers)
+        return first.clean_prob, first.corrupted_prob, effects
+
+    def labels(self, unit: tuple[int, Fact]) -> list[str]:
+        return [unit[1].text]
+
+
+def _traced(lm: LM, task: _FactTask, units: list[tuple[int, Fact]], progress: ProgressFn | None,
+            workers: int | WorkerPool, address: str | None, threads: int) -> Iterator[FactOutcome]:
+    """Each fact's outcome, in the facts' order: traced here, or on `workers` Ray actors (progress counts facts
+    as any actor finishes one). Facts whose worker died twice are an error naming them, after the others ran."""
+    if not workers:
+        for unit in units:
+            yield task.run(lm, unit)
+        return
+    from lmedit.parallel import WorkerDied, WorkerPool
+
+    finished = 0
+
+    def on_done(_unit: tuple[int, Fact]) -> None:
+        nonlocal finished
+        finished += 1
+        if progress is not None:
+            progress(finished, len(units))
+
+    failed: list[WorkerDied] = []
+    with WorkerPool(lm, workers=workers, threads=threads, address=address) \
+            if isinstance(workers, int) else nullcontext(workers) as pool:
+        pool.check_model(lm)
+        for _, outcome in pool.map(task, units, on_done=on_done):
+            if isinstance(outcome, WorkerDied):
+                failed.append(outcome)
+            else:
+                yield outcome
+    if failed:
+        names = "; ".join(repr(f.labels[0]) for f in failed)
+        raise LMEditError(f"average trace: {len(failed)} fact(s) could not be traced, {failed[0].message}: {names}")

@@ -142,6 +142,8 @@ def _answer_probs(lm: LM, hidden: torch.Tensor, answer_id: int, chunk: int = 256
     """P(answer) from final-norm outputs (n, d_model) -> (n,), unembedding `chunk` rows at a time
     (Gemma's 262k-word vocabulary makes (n, d_vocab) logits large)."""
     out = []
+    # `patch` hands a half-precision model's activations to its functions as float32 (exact): back to the head's dtype.
+    hidden = hidden.to(lm.arch.unembedding(lm.model).weight.dtype)
     for start in range(0, hidden.shape[0], chunk):
         logits = lm.arch.logits_from_final(lm.model, hidden[start:start + chunk]).float()  # (n, d_vocab)
         out.append(torch.exp(logits[:, answer_id] - torch.logsumexp(logits, dim=-1)))

@@ -59,7 +59,7 @@ def _suggestion_path(root: Path, lm: LM, facts_sha: str, samples: int, noise: fl
     settings = json.dumps({"version": SUGGESTION_VERSION, "facts": facts_sha, "samples": samples,
                            "noise": float(noise).hex(), "window": window, "seed": seed}, sort_keys=True)
     key = hashlib.sha256(settings.encode()).hexdigest()[:16]
-    return root / lm.fingerprint / f"suggest_layer-{key}.json"
+    return root / lm.weights_hash / f"suggest_layer-{key}.json"
 
 
 def _check_suggestion(payload: Any, lm: LM) -> str | None:
@@ -85,7 +85,7 @@ def suggest_layer(lm: LM, facts: Sequence[Fact] | None = None, *, samples: int =
     What ROME's `layer=None` ("auto") uses. Only the last subject token is traced, so this costs about
     n_layers × samples short rows per fact: 1-3 minutes for the built-in facts on 2 CPU cores. The
     answer and its evidence curve are therefore cached on disk, as JSON, under
-    `<cache>/<LM.fingerprint>/suggest_layer-<key>.json`, where the key hashes the facts' content and the
+    `<cache>/<LM.weights_hash>/suggest_layer-<key>.json`, where the key hashes the facts' content and the
     settings (samples, resolved noise and window, seed); a later call with the same model, facts and
     settings reads that file. Like the covariance statistics, the cache is keyed by the weights the
     model was loaded with, so a call while an edit is applied in place returns the unedited model's answer.
@@ -112,7 +112,7 @@ def suggest_layer(lm: LM, facts: Sequence[Fact] | None = None, *, samples: int =
 
         root = cache_root() / "tracing" if cache is True else Path(cache)
         path = _suggestion_path(root, lm, facts_sha, samples, noise, window, seed)
-        provenance = {"kind": "suggest_layer", "version": SUGGESTION_VERSION, "model": lm.fingerprint,
+        provenance = {"kind": "suggest_layer", "version": SUGGESTION_VERSION, "model": lm.weights_hash,
                       "facts": facts_sha, "samples": samples, "noise": float(noise).hex(), "window": window, "seed": seed}
         stored = read_json(path, provenance, lambda payload: _check_suggestion(payload, lm))  # checked: lmedit.cache
         if stored is not None:

@@ -212,7 +212,7 @@ class Session:
             seconds = time.perf_counter() - start
             state = self.state()
         layer = peak_layer(results["mlp"]) if "mlp" in results else None
-        key = json.dumps([self.lm.fingerprint, state, query.prompt, query.subject, query.answer, query.samples])
+        key = json.dumps([self.lm.weights_hash, state, query.prompt, query.subject, query.answer, query.samples])
         stem = f"{_slug(query.prompt)}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         folder = self.out_dir / "traces"
         images, files = {}, []

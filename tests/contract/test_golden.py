@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from golden import FAMILIES, GOLDEN, REAL_METHODS, fingerprint, real_edit, tiny_edit, tiny_methods
+from golden import FAMILIES, GOLDEN, REAL_METHODS, fingerprint, matches, real_edit, tiny_edit, tiny_methods
 
 from lmedit.editors import get_editor
 from lmedit.testing import tiny_lm
@@ -33,10 +33,12 @@ def test_tiny_edit_matches_the_recorded_one(method, family, tmp_path):
         edit = get_editor("noop").edit(tiny_lm(family), [REQUEST])
     else:
         edit = tiny_edit(method, family, tmp_path)
-    assert fingerprint(edit) == TINY[f"{method}/{family}"]
+    problems = matches(fingerprint(edit), TINY[f"{method}/{family}"])
+    assert not problems, problems
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", REAL_METHODS)
 def test_default_model_edit_matches_the_recorded_one(method, gemma):
-    assert fingerprint(real_edit(method, gemma)) == REAL[method]
+    problems = matches(fingerprint(real_edit(method, gemma)), REAL[method])
+    assert not problems, problems

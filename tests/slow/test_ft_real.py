@@ -1,4 +1,4 @@
-"""FT and FT-L on the real default model with their gemma3-270m configs. Slow: real weights on CPU."""
+"""FT, FT-L and FT-M on the real default model with their gemma3-270m configs. Slow: real weights on CPU."""
 
 
 import pytest
@@ -25,7 +25,7 @@ def _margin(lm, request: EditRequest) -> float:
     return new.logprob - true.logprob
 
 
-@pytest.mark.parametrize("method", ["ft", "ft_l"])
+@pytest.mark.parametrize("method", ["ft", "ft_l", "ft_m"])
 def test_starter_facts_flip_with_the_gemma_config(method, gemma, capsys):
     editor = get_editor(method, CONFIGS / method / "gemma3-270m.yaml")
     snapshot = {k: v.clone() for k, v in gemma.model.state_dict().items()}
@@ -35,6 +35,8 @@ def test_starter_facts_flip_with_the_gemma_config(method, gemma, capsys):
         assert before < 0, f"the unedited model should prefer {request.target_true!r}: {before}"
         edit = editor.edit(gemma, [request])
         assert edit.info["losses"][-1] < edit.info["losses"][0]
+        if method == "ft_m":  # FT-M takes every step: no early stop
+            assert edit.info["steps"] == editor.config.steps
         if method == "ft_l":  # the L∞ bound holds on the real weights (float32 rounding aside)
             params = dict(gemma.model.named_parameters())
             for name, delta in edit.deltas.items():

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lmedit.hooks import capture, patch, start_at
+from lmedit.hooks import attach, capture, patch, start_at
 from lmedit.types import Site
 
 
@@ -161,3 +161,33 @@ def test_start_at_refuses_hooks_it_would_skip(tiny_llama):
     with pytest.raises(IndexError):
         with start_at(lm, lm.n_layers + 1, resid):
             pass
+
+
+def test_attach_keeps_its_rewrite_until_removed_and_sees_the_module_input(tiny_llama):
+    lm = tiny_llama
+    ids = lm.tokenizer(["hello world"], return_tensors="pt").input_ids
+    with torch.no_grad():
+        before = lm.model(input_ids=ids).logits
+    seen = {}
+
+    def zero_last(inputs, output):
+        seen["inputs"] = inputs
+        out = output.clone()
+        out[:, -1] = 0
+        return out
+
+    handle = attach(lm, Site("mlp.out", 1), zero_last)
+    try:
+        with torch.no_grad(), capture(lm, [Site("mlp.key", 1), Site("mlp.out", 1)]) as acts:
+            edited = lm.model(input_ids=ids).logits
+        assert torch.equal(seen["inputs"], acts[Site("mlp.key", 1)])  # the down-projection's input
+        assert torch.equal(acts[Site("mlp.out", 1)][:, -1], torch.zeros_like(acts[Site("mlp.out", 1)][:, -1]))
+        assert torch.equal(edited[:, :-1], before[:, :-1]) and not torch.equal(edited, before)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        assert torch.equal(lm.model(input_ids=ids).logits, before)
+    assert not any(fn.__qualname__.startswith("attach") for m in lm.model.modules() for fn in m._forward_hooks.values())
+    with pytest.raises(ValueError, match="input"):
+        attach(lm, Site("mlp.key", 1), zero_last)
+

@@ -233,7 +233,7 @@ def test_kn_refines_against_builtin_facts_and_caches_them(tiny_llama, tmp_path):
     result = editor.edit(tiny_llama, [REQUEST])
     contrast = editor.contrast_sets(tiny_llama)
     assert len(contrast) == 3 and all(contrast)
-    assert list(tmp_path.glob(f"{tiny_llama.fingerprint}/kn-contrast-n3-*.json"))
+    assert list(tmp_path.glob(f"{tiny_llama.weights_hash}/kn-contrast-n3-*.json"))
     info = result.info["requests"][0]
     edited = {(layer, index) for layer, index, _ in info["neurons"]}
     dropped = {tuple(n) for n in info["dropped_by_refining"]}

@@ -92,3 +92,12 @@ def test_config_values_resolve_from_any_directory(monkeypatch, tmp_path):
         assert config_path(value) == shipped
     with pytest.raises(ConfigError, match="not found"):
         config_path("configs/rome/nope.yaml")
+
+
+def test_describe_says_how_a_null_layer_is_chosen():
+    from lmedit.editors import get_editor
+    from lmedit.settings import describe
+
+    assert "layer at 0.88 of the depth" in describe(get_editor("grace", {"layer": None}))
+    assert "layer at 0.88 of the depth" in describe(get_editor("wise", {"layer": None}))
+    assert "layer chosen by causal tracing" in describe(get_editor("rome", {"layer": None}))

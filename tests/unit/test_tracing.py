@@ -325,7 +325,7 @@ def test_suggest_layer_is_cached_on_disk(tmp_path, monkeypatch, tiny_llama):
     facts = [Fact("{} is in downtown", "The Space Needle", "Seattle"),
              Fact("{} plays the sport of", "Michael Jordan", "basketball")]
     first = suggest_layer(tiny_llama, facts, samples=2, noise=NOISE)
-    files = list((tmp_path / "tracing" / tiny_llama.fingerprint).glob("suggest_layer-*.json"))
+    files = list((tmp_path / "tracing" / tiny_llama.weights_hash).glob("suggest_layer-*.json"))
     assert len(files) == 1 and not list(files[0].parent.glob(".*tmp"))
     stored = json.loads(files[0].read_text())["payload"]  # in lmedit.cache's envelope
     assert stored["layer"] == first.layer and stored["curve"] == first.curve and stored["band"] == first.band

@@ -334,7 +334,8 @@ class MendEditor(Editor[MendConfig]):
         file = network_file(self.config.checkpoint)
         key = (str(file.resolve()), file.stat().st_mtime, lm.fingerprint, str(lm.device))
         if self._loaded is None or self._loaded[0] != key:
-            network, meta = load_network(file, fingerprint=lm.fingerprint, model_name=lm.name, device=lm.device)
+            network, meta = load_network(file, fingerprint=(lm.fingerprint, lm.weights_hash), model_name=lm.name,
+                                         device=lm.device)
             if list(network.layers) and max(network.layers) >= lm.n_layers:
                 raise LMEditError(f"the MEND network edits layer {max(network.layers)}, but {lm.name!r} has "
                                   f"{lm.n_layers} layers")

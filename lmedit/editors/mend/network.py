@@ -218,9 +218,12 @@ def read_metadata(path: str | Path) -> dict[str, Any]:
             "extra": json.loads(meta.get("extra", "{}")), "file": str(file)}
 
 
-def load_network(path: str | Path, *, fingerprint: str | None = None, model_name: str = "this model",
+def load_network(path: str | Path, *, fingerprint: str | tuple[str, ...] | None = None, model_name: str = "this model",
                  device: torch.device | str = "cpu") -> tuple[MendNetwork, dict[str, Any]]:
     """Load a saved network; with `fingerprint`, refuse one trained on other weights.
+
+    `fingerprint`: the model's `LM.fingerprint`, or a tuple of the fingerprints that name it (`LM.fingerprint`
+    and `LM.weights_hash`, which networks saved before fingerprints were dtype-independent recorded).
 
     Returns:
         (network in eval mode on `device`, metadata as `read_metadata` gives it).
@@ -229,7 +232,9 @@ def load_network(path: str | Path, *, fingerprint: str | None = None, model_name
         LMEditError: not a MEND network, or trained on a model whose fingerprint differs from `fingerprint`.
     """
     meta = read_metadata(path)
-    if fingerprint is not None and meta["base_fingerprint"] != fingerprint:
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+    if accepted is not None and meta["base_fingerprint"] not in accepted:
+        fingerprint = accepted[0]
         raise LMEditError(
             f"the MEND network {meta['file']} was trained on {meta['base_model']!r} (fingerprint "
             f"{meta['base_fingerprint']}), but {model_name!r} has fingerprint {fingerprint}: an editor network only "

@@ -286,7 +286,8 @@ def train_mend(lm: LM, config: MendConfig, train: Sequence[EvalRecord], *, out_d
         if changed:
             raise LMEditError(f"cannot resume in {out_dir}: the network settings {changed} differ from the checkpoint's "
                               f"({[before.get(k) for k in changed]})")
-        loaded, _ = load_network(last_file, fingerprint=lm.fingerprint, model_name=lm.name, device=lm.device)
+        loaded, _ = load_network(last_file, fingerprint=(lm.fingerprint, lm.weights_hash), model_name=lm.name,
+                                 device=lm.device)
         network.load_state_dict(loaded.state_dict())
         state = torch.load(state_file, map_location=lm.device, weights_only=True)
         optimizer.load_state_dict(state["optimizer"])

@@ -74,7 +74,8 @@ class SeracEditor(Editor[SeracConfig]):
                                   f"{self._head_fingerprint}, not {lm.name!r} ({lm.fingerprint})")
             return self._head
         if self.config.scope_path:
-            head, _ = load_head(self.config.scope_path, fingerprint=lm.fingerprint, encoder=self.config.encoder)
+            head, _ = load_head(self.config.scope_path, fingerprint=(lm.fingerprint, lm.weights_hash),
+                                encoder=self.config.encoder)
             return head
         return ScopeHead.cosine(self.config.threshold, self.config.scope_input)
 

@@ -404,8 +404,11 @@ def save_head(head: ScopeHead, path: str | Path, *, encoder: SentenceEncoder, ba
     return path
 
 
-def load_head(path: str | Path, *, fingerprint: str | None = None, encoder: str | None = None) -> tuple[ScopeHead, dict[str, Any]]:
+def load_head(path: str | Path, *, fingerprint: str | tuple[str, ...] | None = None,
+              encoder: str | None = None) -> tuple[ScopeHead, dict[str, Any]]:
     """Read a head written by `save_head`; returns (head, metadata).
+
+    `fingerprint`: the model's `LM.fingerprint`, or a tuple of the fingerprints that name it (as `load_network`).
 
     Raises:
         FileNotFoundError: no file at `path`.
@@ -420,7 +423,9 @@ def load_head(path: str | Path, *, fingerprint: str | None = None, encoder: str 
         meta = dict(f.metadata() or {})
     if meta.get("format") != SCOPE_FORMAT:
         raise LMEditError(f"{path} is not a SERAC scope head (format={meta.get('format')!r})")
-    if fingerprint is not None and meta["base_fingerprint"] != fingerprint:
+    accepted = (fingerprint,) if isinstance(fingerprint, str) else fingerprint
+    if accepted is not None and meta["base_fingerprint"] not in accepted:
+        fingerprint = accepted[0]
         raise LMEditError(f"the SERAC scope head {path} was trained for the model with fingerprint "
                           f"{meta['base_fingerprint']}, not this one ({fingerprint}); train one for this model "
                           f"(SeracEditor.fit) or leave scope_path empty for the cosine classifier")

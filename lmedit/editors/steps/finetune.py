@@ -35,6 +35,7 @@ from lmedit.editors.steps.value import context_prefixes, prefix_token_bound
 from lmedit.editors.base import EditorConfig, ParamDelta, WeightEdit
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.models.arch import WeightName
+from lmedit.models.params import resident
 from lmedit.scoring import logits_at, teacher_forced
 from lmedit.tokens import Batch
 from lmedit.types import EditRequest
@@ -95,7 +96,15 @@ def trainable_copies(lm: LM, names: Sequence[str]) -> Iterator[dict[str, nn.Para
         with trainable_copies(lm, ["model.layers.2.mlp.down_proj.weight"]) as params:
             loss(lm).backward()          # gradients land on params[name], the copy
         # lm is exactly as before; params[name] holds the trained values
+
+    Parameters accelerate offloaded are held in memory for the block (`lmedit.models.params.resident`).
     """
+    with resident(lm.model, names), _copies(lm, names) as copies:
+        yield copies
+
+
+@contextmanager
+def _copies(lm: LM, names: Sequence[str]) -> Iterator[dict[str, nn.Parameter]]:
     flags = {name: p.requires_grad for name, p in lm.model.named_parameters()}
     owners = {}
     for name in names:
@@ -151,13 +160,23 @@ class TrainResult:
     losses: list[float]   # losses[i]: mean target NLL per token after i updates
     steps: int            # updates made
     stopped_early: bool   # the loss fell below early_stop_loss before `steps` updates
+    # The trained values, one per param: the param itself (float32 model), else its float32 master copy.
+    values: list[torch.Tensor] = field(default_factory=list)
+
+
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def train_on_targets(lm: LM, params: Sequence[nn.Parameter], batch: TargetBatch, *, steps: int, lr: float,
                      weight_decay: float = 0.0, early_stop_loss: float = 0.0,
-                     after_step: Callable[[], None] | None = None, label: str = "fine-tuning",
+                     after_step: Callable[[list[torch.Tensor]], None] | None = None, label: str = "fine-tuning",
                      progress: Callable[[str, int, int], None] | None = None) -> TrainResult:
     """Adam on `params` (already standing in the model, with gradients on) to lower `batch.loss(lm)`.
+
+    Half-precision params (bfloat16, float16) are trained through float32 master copies (mixed precision):
+    Adam's moments and steps are float32 (in float16 its ε underflows and the first step is NaN; in
+    bfloat16 steps below a weight's rounding step would be lost), and after each step the param the
+    forward reads is the master rounded once to its dtype. Float32 params are stepped directly.
 
     Args:
         lm: the model whose forward reads `params`.
@@ -166,7 +185,8 @@ def train_on_targets(lm: LM, params: Sequence[nn.Parameter], batch: TargetBatch,
         steps: most updates; the loss is measured once more after the last one.
         lr, weight_decay: Adam's.
         early_stop_loss: stop once the loss is below this (0: never).
-        after_step: called (without gradient) after every update, e.g. FT-L's projection.
+        after_step: called (without gradient) after every update with the trained values (`TrainResult.values`),
+            which it may change in place, e.g. FT-L's projection.
         label: the phase name given to `progress`.
         progress: called as (label, step, steps) after each update.
 
@@ -176,7 +196,10 @@ def train_on_targets(lm: LM, params: Sequence[nn.Parameter], batch: TargetBatch,
     losses: list[float] = []
     stopped_early = False
     updates = 0
-    optimizer = torch.optim.Adam(list(params), lr=lr, weight_decay=weight_decay)
+    params = list(params)
+    values = [p.detach().float() if p.dtype in _HALF else p for p in params]
+    halves = [(p, v) for p, v in zip(params, values) if v is not p]
+    optimizer = torch.optim.Adam(values, lr=lr, weight_decay=weight_decay)
     with torch.enable_grad():
         for updates in range(steps + 1):
             optimizer.zero_grad()
@@ -191,13 +214,17 @@ def train_on_targets(lm: LM, params: Sequence[nn.Parameter], batch: TargetBatch,
             if updates == steps:
                 break  # this forward only measured the loss after the last update
             loss.backward()
+            for p, v in halves:
+                v.grad = None if p.grad is None else p.grad.float()
             optimizer.step()
-            if after_step is not None:
-                with torch.no_grad():
-                    after_step()
+            with torch.no_grad():
+                if after_step is not None:
+                    after_step(values)
+                for p, v in halves:
+                    p.copy_(v)
             if progress is not None:
                 progress(label, updates + 1, steps)
-    return TrainResult(losses=losses, steps=updates, stopped_early=stopped_early)
+    return TrainResult(losses=losses, steps=updates, stopped_early=stopped_early, values=values)
 
 
 def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,
@@ -233,17 +260,17 @@ def finetune(lm: LM, requests: Sequence[EditRequest], config: FinetuneConfig, *,
     with trainable_copies(lm, names) as params:
         originals = {name: p.detach().clone() for name, p in params.items()}
 
-        def project() -> None:  # FT-L: W ← W₀ + clamp(W − W₀, −ε, ε)
+        def project(values: list[torch.Tensor]) -> None:  # FT-L: W ← W₀ + clamp(W − W₀, −ε, ε)
             assert norm_constraint is not None
-            for name, p in params.items():
-                w0 = originals[name]
-                p.copy_(w0 + (p - w0).clamp(-norm_constraint, norm_constraint))
+            for name, w in zip(params, values):
+                w0 = originals[name].to(w.dtype)  # a half-precision W₀ is exact in float32
+                w.copy_(w0 + (w - w0).clamp(-norm_constraint, norm_constraint))
 
         trained = train_on_targets(lm, list(params.values()), batch, steps=config.steps, lr=config.lr,
                                    weight_decay=config.weight_decay, early_stop_loss=config.early_stop_loss,
                                    after_step=project if norm_constraint is not None else None, progress=progress)
-        deltas = {name: (p.detach().to(torch.float64) - originals[name].to(torch.float64)).to(torch.float32)
-                  for name, p in params.items()}
+        deltas = {name: (w.detach().to(torch.float64) - originals[name].to(torch.float64)).to(torch.float32)
+                  for name, w in zip(params, trained.values)}
     losses, updates, stopped_early = trained.losses, trained.steps, trained.stopped_early
     max_abs = {name: float(d.abs().max()) for name, d in deltas.items()}
     log.info("fine-tuned %s: loss %.3f -> %.3f in %d steps, max |Δ| %s", names, losses[0], losses[-1], updates,

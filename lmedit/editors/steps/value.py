@@ -38,14 +38,14 @@ def context_prefixes(lm: LM, lengths: Sequence[tuple[int, int]] = ((5, 10), (10,
 
     Args:
         lengths: (tokens per prefix, number of prefixes) pairs; ROME uses 10 of 5 tokens and 10 of 10.
-        seed: sampling seed; prefixes are cached per model fingerprint and seed.
+        seed: sampling seed; prefixes are cached per exact weights hash (`LM.weights_hash`) and seed.
 
     Returns:
         Prefix strings, each ending with ". " (the first entry is "" for the bare prompt).
     """
     key = "-".join(f"{a}x{b}" for a, b in lengths)
-    path = cache.root / lm.fingerprint / f"prefixes-{key}-s{seed}.json" if cache else None
-    provenance = {"kind": "context_prefixes", "model": lm.fingerprint, "lengths": [list(pair) for pair in lengths],
+    path = cache.root / lm.weights_hash / f"prefixes-{key}-s{seed}.json" if cache else None
+    provenance = {"kind": "context_prefixes", "model": lm.weights_hash, "lengths": [list(pair) for pair in lengths],
                   "seed": seed}
     if path is not None:
         stored = read_json(path, provenance, lambda payload: _check_prefixes(payload, lengths))

@@ -58,7 +58,7 @@ def test_projection_is_cached_per_model_layer_corpus_and_threshold(tmp_path):
     editor.edit(lm, [FIRST])
     paths = {layer: editor.projection_path(lm, layer) for layer in (1, 2)}
     assert all(p.exists() for p in paths.values())
-    assert lm.fingerprint in str(paths[1]) and "layer1" in paths[1].name and "t0.01" in paths[1].name
+    assert lm.weights_hash in str(paths[1]) and "layer1" in paths[1].name and "t0.01" in paths[1].name
     assert editor.projection_path(other, 1) != paths[1]
     assert _editor(tmp_path, nullspace_threshold=0.1).projection_path(lm, 1) != paths[1]
     # a cached projection gives the same edit as a fresh one

@@ -89,3 +89,28 @@ def test_cli_refuses_without_a_terminal_and_applies_with_force(model_dir, tmp_pa
     assert not (tmp_path / "wreck.safetensors").exists()
     assert main([*args, "--force"]) == 0
     assert (tmp_path / "wreck.safetensors").exists()
+
+
+def test_adaptor_edits_get_the_probe_text_check(monkeypatch):
+    """A GRACE entry whose radius matches every position and whose value is noise changes ordinary text: assessed
+    (on a random tiny model text is near-uniform either way, so the limit is lowered below what it measures)."""
+    from lmedit.editors.grace import GraceEdit
+    from lmedit.types import Site
+
+    lm = tiny_lm("llama")
+    before = _state(lm)
+    quiet = lmedit.edit(lm, REQUEST, method="grace", config={"layer": 1, "steps": 5}, apply=False)
+    found = assess(quiet, lm)
+    # its entry matches only near the edit prompt: the probe text reads the unedited model, bit for bit
+    assert found.relative_norm is None and found.probe_rise == 0.0 and not found.destructive
+    monkeypatch.setattr("lmedit.editors.safety.MAX_PROBE_RISE", 0.01)
+    gen = torch.Generator().manual_seed(0)
+    loud = GraceEdit(quiet.requests, quiet.keys, torch.randn(quiet.values.shape, generator=gen) * 100,
+                     torch.full((1,), 1e9), site=Site("mlp.out", 1), base_fingerprint=lm.fingerprint, method="grace")
+    wrecked = assess(loud, lm)
+    assert wrecked.probe_rise > 0.01 and any("ordinary text" in r for r in wrecked.reasons)
+    with pytest.raises(DestructiveEditError, match="refusing to apply this grace edit"):
+        from lmedit.editors.safety import check_not_destructive
+
+        check_not_destructive(loud, lm)
+    assert _same(lm, before) and not lm.edits
