@@ -70,9 +70,10 @@ class AdaptorEdit(Edit):
             cls.adaptor = adaptor
             AdaptorEdit._types[adaptor] = cls
 
-    def __init__(self, *, site: Site, base_fingerprint: str = "", method: str = "",
-                 config: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> None:
+    def __init__(self, *, site: Site, requests: Sequence[EditRequest] = (), base_fingerprint: str = "",
+                 method: str = "", config: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> None:
         self.site = site
+        self._requests = tuple(requests)
         self.base_fingerprint = base_fingerprint
         self.method = method
         self.config: dict[str, Any] = dict(config or {})
@@ -81,12 +82,20 @@ class AdaptorEdit(Edit):
         self._hook: RemovableHandle | None = None  # held by the oldest applied edit of this type at this site
 
     @property
-    @abstractmethod
-    def requests(self) -> tuple[EditRequest, ...]: ...
+    def requests(self) -> tuple[EditRequest, ...]:
+        return self._requests
 
     @abstractmethod
     def check(self, lm: LM) -> None:
         """Raise `LMEditError` when this edit cannot serve `lm` (site outside the model, shapes, non-finite values)."""
+
+    def site_layer(self, lm: LM) -> int:
+        """The site's block, refused (`LMEditError`) when `lm` has no such block; for `check`."""
+        layer = self.site.layer
+        if layer is None or not 0 <= layer < lm.n_layers:
+            raise LMEditError(f"this {self.adaptor} edit is at layer {layer}; {lm.name!r} has layers "
+                              f"0..{lm.n_layers - 1}")
+        return layer
 
     @classmethod
     @abstractmethod

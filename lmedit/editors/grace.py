@@ -141,26 +141,18 @@ class GraceEdit(AdaptorEdit, adaptor="grace"):
 
     def __init__(self, requests: Sequence[EditRequest], keys: torch.Tensor, values: torch.Tensor, radii: torch.Tensor,
                  *, site: Site, **common: Any) -> None:
-        super().__init__(site=site, **common)
+        super().__init__(site=site, requests=requests, **common)
         if site.kind != "mlp.out":
             raise LMEditError(f"a GRACE edit sits at an mlp.out site, got {site}")
         n = len(requests)
         if n == 0 or keys.ndim != 2 or values.ndim != 2 or radii.shape != (n,) or len(keys) != n or len(values) != n:
             raise LMEditError(f"a GRACE edit needs one key, value and radius per request: {n} requests, keys "
                               f"{tuple(keys.shape)}, values {tuple(values.shape)}, radii {tuple(radii.shape)}")
-        self._requests = tuple(requests)
         self.keys, self.values, self.radii = keys, values, radii
-
-    @property
-    def requests(self) -> tuple[EditRequest, ...]:
-        return self._requests
 
     def check(self, lm: LM) -> None:
         """Refuse a model the entries do not fit (layer, key or value width, NaN/inf); move them to its device."""
-        layer = self.site.layer
-        assert layer is not None
-        if not 0 <= layer < lm.n_layers:
-            raise LMEditError(f"this GRACE edit is at layer {layer}; {lm.name!r} has layers 0..{lm.n_layers - 1}")
+        layer = self.site_layer(lm)
         d_out, d_in = lm.arch.weight(lm.model, layer, "mlp_out").shape
         if self.keys.shape[1] != d_in or self.values.shape[1] != d_out:
             raise LMEditError(f"this GRACE edit's keys/values are {self.keys.shape[1]}/{self.values.shape[1]} wide; "

@@ -199,25 +199,17 @@ class WiseEdit(AdaptorEdit, adaptor="wise"):
 
     def __init__(self, requests: Sequence[EditRequest], delta: torch.Tensor, threshold: torch.Tensor, *, site: Site,
                  **common: Any) -> None:
-        super().__init__(site=site, **common)
+        super().__init__(site=site, requests=requests, **common)
         if site.kind != "mlp.out":
             raise LMEditError(f"a WISE edit sits at an mlp.out site, got {site}")
         if not requests or delta.ndim != 2 or threshold.shape != (1,):
             raise LMEditError(f"a WISE edit needs requests, a 2-D delta and one threshold: {len(requests)} requests, "
                               f"delta {tuple(delta.shape)}, threshold {tuple(threshold.shape)}")
-        self._requests = tuple(requests)
         self.delta, self.threshold = delta, threshold
-
-    @property
-    def requests(self) -> tuple[EditRequest, ...]:
-        return self._requests
 
     def check(self, lm: LM) -> None:
         """Refuse a model the side memory does not fit (layer, shape, NaN/inf, threshold); move it to its device."""
-        layer = self.site.layer
-        assert layer is not None
-        if not 0 <= layer < lm.n_layers:
-            raise LMEditError(f"this WISE edit is at layer {layer}; {lm.name!r} has layers 0..{lm.n_layers - 1}")
+        layer = self.site_layer(lm)
         shape = tuple(lm.arch.weight(lm.model, layer, "mlp_out").shape)
         if tuple(self.delta.shape) != shape:
             raise LMEditError(f"this WISE edit's side memory is {tuple(self.delta.shape)}; layer {layer} of "

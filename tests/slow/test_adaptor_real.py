@@ -1,4 +1,4 @@
-"""GRACE on the real default model with its shipped gemma3-270m settings. Slow: real weights on CPU."""
+"""The adaptor editors (GRACE, WISE) on the real default model with their shipped gemma3-270m settings. Slow."""
 
 import pytest
 import torch
@@ -11,8 +11,9 @@ from lmedit.settings import CONFIG_ROOT
 pytestmark = pytest.mark.slow
 
 
-def test_a_starter_fact_flips_a_neighbour_is_untouched_and_undo_is_exact(gemma):
-    editor = get_editor("grace", CONFIG_ROOT / "grace" / "gemma3-270m.yaml")
+@pytest.mark.parametrize("method", ["grace", "wise"])
+def test_a_starter_fact_flips_a_neighbour_is_untouched_and_undo_is_exact(method, gemma):
+    editor = get_editor(method, CONFIG_ROOT / method / "gemma3-270m.yaml")
     request, = starter_requests("capital-0")  # France's capital -> Rome
     neighbour = "The capital of Germany is the city of"
     snapshot = {k: v.clone() for k, v in gemma.model.state_dict().items()}
@@ -29,6 +30,7 @@ def test_a_starter_fact_flips_a_neighbour_is_untouched_and_undo_is_exact(gemma):
     with edit.applied(gemma):
         after, kept_after = scores()
     assert after > 0, f"efficacy failed: margin {margin:.2f} -> {after:.2f}"
-    assert kept_after == kept, "the neighbour prompt's scores changed: its keys matched the entry"
+    # GRACE: the neighbour's keys must not match the entry; WISE: the router must keep it on the main memory
+    assert kept_after == kept, f"{method}: the neighbour prompt's scores changed"
     assert all(torch.equal(snapshot[k], v) for k, v in gemma.model.state_dict().items())
     assert scores() == (margin, kept), "undo is not exact"
