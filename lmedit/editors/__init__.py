@@ -55,7 +55,7 @@ def get_editor(method: str, config: EditorConfig | dict[str, Any] | str | Path |
 def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest | EditDescriptor],
          method: str = DEFAULT_METHOD, *,
          config: EditorConfig | dict[str, Any] | str | Path | None = None, apply: bool = True,
-         force: bool = False) -> Edit:
+         force: bool = False, overrides: Sequence[str] = ()) -> Edit:
     """Edit `lm` so that each request's prompt is completed by its `target_new`.
 
     Args:
@@ -65,6 +65,7 @@ def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest |
         method: a registered editor name (`lmedit ls editors`).
         config: the editor's config object, a dict, or a YAML path; default: the settings lmedit ships for
             this model and method (`lmedit.settings`), else the method's defaults (with a logged warning).
+        overrides: "key=value" settings on top of those, as the CLI's `--set`, e.g. ["quiet_factor=4"].
         apply: apply the edit before returning it (undo with `edit.undo()`).
         force: apply a weight edit even if it is far outside what shipped settings produce (relative
             update norm, loss on ordinary text: `lmedit.editors.safety`); otherwise that is refused.
@@ -84,7 +85,7 @@ def edit(lm: LM, requests: EditRequest | EditDescriptor | Sequence[EditRequest |
                            f"got {type(requests).__name__}")
     from lmedit.settings import describe, resolve_editor
 
-    editor, _ = resolve_editor(method, lm, config)
+    editor, _ = resolve_editor(method, lm, config, list(overrides))
     log.info("%s", describe(editor, lm))
     result = editor.edit(lm, list(requests))
     if apply:

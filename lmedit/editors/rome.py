@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from lmedit.config import check_ranges, to_dict
+from lmedit.editors.steps.quiet import QuietSettings
 from lmedit.editors.steps.value import ValueOptions, context_prefixes, optimize_value, prefix_token_bound
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
 from lmedit.errors import ConfigError, EditFailedError
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
-class RomeConfig(EditorConfig):
+class RomeConfig(QuietSettings, EditorConfig):
     layer: int | None = None           # edited block; None = the causal-tracing suggestion for this model
     v_steps: int = 20                  # Adam steps for v* (ROME: 20)
     v_lr: float = 0.5                  # Adam lr for v* (ROME: 0.5)
@@ -63,13 +64,15 @@ class RomeConfig(EditorConfig):
                      at_least_one=("v_steps", "corpus_tokens"), intervals={"cov_shrinkage": "[0, 1)"},
                      layers=("layer",))
         CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
+        self.check_quiet()
 
     def prefix_tokens(self) -> int:
         return prefix_token_bound(((5, self.prefixes_short), (10, self.prefixes_long)))
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                            weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor)
+                            weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                            quiet_factor=self.quiet_factor, quiet_prompts=self.quiet_prompts)
 
 
 def rank_one_update(W: torch.Tensor, bias: torch.Tensor | None, C: torch.Tensor, k_star: torch.Tensor,

@@ -98,3 +98,23 @@ def test_python_edit_without_config_uses_the_shipped_settings_and_generates_clea
     # the damage stays visible: the paraphrase's never-text probability rises (measured 0.14 -> 0.48)
     assert after[1].never_text_max > before[1].never_text_max + 0.1
     assert abs(after[2].never_text_max - before[2].never_text_max) < 0.05  # the neighbour is untouched
+
+
+def test_quiet_rome_keeps_the_edit_and_stops_it_leaking_into_a_neighbour(gemma):
+    # CounterFact case 4397 (records 2001-2100, where the quiet settings were chosen): the plain edit makes the
+    # stated fact "loud" (after "Higashikagawa is located in the country of Russia.", Sony moves to Russia);
+    # measured with the shipped settings: P(Japan) − P(Russia) on that Specificity+ probe −0.08 plain, +0.53 quiet.
+    request = lmedit.EditRequest("{} is located in the country of", "Higashikagawa", "Russia", "Japan")
+    probe = "Higashikagawa is located in the country of Russia. Sony is located in"
+
+    def margins(edit: WeightEdit) -> tuple[float, float]:
+        with edit.applied(gemma):
+            new, true = score_targets(gemma, [request.text, request.text], ["Russia", "Japan"])
+            loud_new, loud_true = score_targets(gemma, [probe, probe], ["Russia", "Japan"])
+        return new.logprob - true.logprob, loud_true.logprob - loud_new.logprob
+
+    plain_edit, plain_loud = margins(lmedit.edit(gemma, request, method="rome", apply=False))
+    quiet_edit, quiet_loud = margins(lmedit.edit(gemma, request, method="rome", apply=False,
+                                                 overrides=["quiet_factor=4"]))
+    assert plain_edit > 1.0 and quiet_edit > 1.0  # both make the edit
+    assert plain_loud < 0 < quiet_loud            # only the quiet one keeps Sony in Japan after the statement

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, ClassVar, TypeVar
 import torch
 
 from lmedit.config import check_ranges, to_dict
+from lmedit.editors.steps.quiet import QuietSettings
 from lmedit.editors.steps.value import (ValueOptions, ValueResult, context_prefixes, optimize_values, prefix_token_bound,
                                         prefixed_templates)
 from lmedit.editors.base import Editor, EditorConfig, ParamDelta, WeightEdit, check_requests
@@ -50,7 +51,7 @@ SolveFn = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 
 
 @dataclass(frozen=True, kw_only=True)
-class MassEditConfig(EditorConfig):
+class MassEditConfig(QuietSettings, EditorConfig):
     """Settings MEMIT and AlphaEdit share: the layer range, the z optimisation, statistics and batching."""
 
     layers: tuple[int, ...] | None = None  # edited range, ascending; None = 4 layers ending at the tracing suggestion
@@ -76,13 +77,15 @@ class MassEditConfig(EditorConfig):
         if self.targets not in ("auto", "residual", "values"):
             raise ConfigError(f"{owner}.targets must be auto, residual or values, got {self.targets!r}")
         CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
+        self.check_quiet()
 
     def prefix_tokens(self) -> int:
         return prefix_token_bound(self.prefix_lengths())
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
-                            weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor)
+                            weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
+                            quiet_factor=self.quiet_factor, quiet_prompts=self.quiet_prompts)
 
     def corpus_spec(self) -> CorpusSpec:
         return CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens, seed=self.seed)

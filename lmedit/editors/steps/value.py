@@ -11,14 +11,15 @@ Not handled: subject tokens other than the last one ("subject_last" in ROME's te
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
 from lmedit.cache import describe, read_json, write_json
-from lmedit.hooks import capture
+from lmedit.editors.steps.quiet import quiet_templates
+from lmedit.hooks import PatchFn, capture
 from lmedit.scoring import teacher_forced
 from lmedit.split_forward import SplitForward
 from lmedit.tokens import prompt_ids, subject_span
@@ -101,6 +102,8 @@ class ValueOptions:
     clamp_norm_factor: float = 4.0  # ‖δ‖ ≤ factor · ‖v‖
     early_stop_loss: float = 5e-2  # stop once the NLL falls below this
     essence_template: str = "{} is a"
+    quiet_factor: float = 0.0     # weight of the quiet term (`steps.quiet`); 0: off
+    quiet_prompts: int = 4        # other-subject texts per request for the quiet term
 
 
 @dataclass(frozen=True)
@@ -134,25 +137,32 @@ def optimize_value(lm: LM, layer: int, request: EditRequest, prefixes: Sequence[
 class ValueProblem:
     """The sequences of one request's v* problem inside a batch of several."""
 
-    seqs: list[list[int]]     # prefixed prompts + target tokens but the last, then the essence prompt
+    seqs: list[list[int]]     # prefixed prompts + target tokens but the last, the essence prompt, the quiet texts
     lookups: list[int]        # per sequence: the subject's last token (where δ is added)
     rows: list[int]           # per scored token: its sequence (local index)
     positions: list[int]      # per scored token: the position whose logits predict it
     gold: list[int]           # per scored token: the target token id
     n_templates: int
     n_target: int
+    n_quiet: int = 0          # quiet texts (`steps.quiet`), after the essence prompt; scored at their last token
 
 
-def value_problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str) -> ValueProblem:
+def value_problem(lm: LM, request: EditRequest, prefixes: Sequence[str], essence: str,
+                  n_quiet: int = 0) -> ValueProblem:
     """One request's v* sequences: the teacher-forced rows of target_new after each prefixed prompt
-    (`scoring.teacher_forced`, last target token not fed), then the essence prompt."""
+    (`scoring.teacher_forced`, last target token not fed), then the essence prompt, then `n_quiet` quiet
+    texts ("{prompt} {target_new}. {prompt about another subject}", `steps.quiet.quiet_templates`)."""
     templates = prefixed_templates(request, prefixes)
     scored = teacher_forced(lm, [t.format(request.subject) for t in templates],
                             [request.target_new] * len(templates), feed_last=False)
     lookups = [subject_span(lm, template, request.subject).last for template in templates]
     seqs = scored.ids + [prompt_ids(lm, essence.format(request.subject))]
     lookups.append(subject_span(lm, essence, request.subject).last)
-    return ValueProblem(seqs, lookups, scored.rows, scored.positions, scored.gold, len(templates), scored.spans[0][1])
+    quiet = quiet_templates(request, n_quiet) if n_quiet else []
+    seqs += [prompt_ids(lm, t.format(request.subject)) for t in quiet]
+    lookups += [subject_span(lm, t, request.subject).last for t in quiet]
+    return ValueProblem(seqs, lookups, scored.rows, scored.positions, scored.gold, len(templates), scored.spans[0][1],
+                        len(quiet))
 
 
 @torch.no_grad()
@@ -177,6 +187,58 @@ def _seen_values(fwd: SplitForward, sites: Sequence[Site], rows: torch.Tensor, c
     return torch.stack([seen[site] for site in sites], 1)
 
 
+class _Batches:
+    """The value problem's sequences as one or more `SplitForward` batches (each padded to its own longest
+    recomputed part), addressed by global sequence index."""
+
+    def __init__(self, lm: LM, seqs: Sequence[Sequence[int]], lookups: Sequence[int], groups: Sequence[Sequence[int]],
+                 start_layer: int, full_passes: bool) -> None:
+        dev = lm.device
+        self.ids = [torch.tensor(list(g), device=dev) for g in groups]
+        self.splits = torch.zeros(len(seqs), dtype=torch.long, device=dev)
+        if not full_passes:
+            self.splits[:] = torch.tensor(list(lookups), device=dev)
+        self.group = torch.empty(len(seqs), dtype=torch.long, device=dev)
+        self.local = torch.empty(len(seqs), dtype=torch.long, device=dev)
+        self.batches = []
+        for g, ids in enumerate(self.ids):
+            self.group[ids] = g
+            self.local[ids] = torch.arange(len(ids), device=dev)
+            splits = [int(self.splits[i]) for i in ids]
+            self.batches.append(SplitForward(lm, [seqs[i] for i in ids.tolist()], splits,
+                                             0 if full_passes else start_layer))
+        self.lm = lm
+
+    def columns(self, seqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        return positions - self.splits[seqs]
+
+    def gather(self, keep: torch.Tensor, row_seq: torch.Tensor, row_col: torch.Tensor,
+               make_fns: Callable[[torch.Tensor], Mapping[Site, PatchFn]], key_site: Site | None,
+               key_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Run the kept sequences (`keep`: bool per sequence) with the patches `make_fns(kept ids)` of each batch
+        and return the final-norm hidden states at (row_seq, row_col) in that order -> (rows, d_model), and with
+        `key_site` the keys there at each kept sequence's `key_cols` -> (n_seq, d_mlp)."""
+        pieces, order = [], []
+        keys = None
+        for g, (ids, fwd) in enumerate(zip(self.ids, self.batches)):
+            kept = ids[keep[ids]]
+            if not len(kept):
+                continue
+            with capture(self.lm, [key_site] if key_site else []) as acts:
+                hidden = fwd.final(None if len(kept) == len(ids) else self.local[kept], make_fns(kept))
+            if key_site is not None:
+                read = acts[key_site][torch.arange(len(kept), device=kept.device), key_cols[kept]]
+                if keys is None:
+                    keys = read.new_zeros(len(self.splits), read.shape[-1])
+                keys[kept] = read
+            at = (self.group[row_seq] == g).nonzero()[:, 0]
+            position = torch.full((len(self.splits),), -1, dtype=torch.long, device=kept.device)
+            position[kept] = torch.arange(len(kept), device=kept.device)
+            pieces.append(hidden[position[row_seq[at]], row_col[at]])
+            order.append(at)
+        return torch.cat(pieces)[torch.argsort(torch.cat(order))], keys
+
+
 def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditRequest], prefixes: Sequence[str],
                     options: ValueOptions, *, site_kind: str = "mlp.out", with_keys: bool = False,
                     full_passes: bool = False,
@@ -196,13 +258,23 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     Each step recomputes only what δ can change (`SplitForward`): the positions from the subject's last
     token on, at the blocks from the first edited one on. `full_passes=True` recomputes every position at
     every block instead; the answer is the same up to float rounding (tests hold it to 1e-5), only slower.
+
+    With `options.quiet_factor` > 0, each request also gets `quiet_prompts` texts "{prompt} {target_new}.
+    {prompt about another subject}" (`steps.quiet`), δ added at its subject as everywhere, and the loss gains
+    quiet_factor × the mean over them of max(0, log p(target_new's first token) − the same at step 1, δ = 0)
+    at their last token. They run as a `SplitForward` batch of their own (`_Batches`): their recomputed part
+    is several times longer than the prompts', and one padded batch would make every row that long.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
-    problems = [value_problem(lm, r, prefixes, options.essence_template) for r in requests]
+    n_quiet = options.quiet_prompts if options.quiet_factor > 0 else 0
+    problems = [value_problem(lm, r, prefixes, options.essence_template, n_quiet) for r in requests]
     dev = lm.device
     owner, seqs, lookups = [], [], []
     tok_seq, tok_pos, tok_gold, tok_owner, tok_weight = [], [], [], [], []
-    essence_seq: list[int] = []
+    first: list[int] = []     # per request: its bare prompt's sequence
+    # KL rows: per request its essence prompt (at the subject's last token, as ROME), then its quiet texts (at
+    # their last token), each with its weight in the loss.
+    kl_seq, kl_pos, kl_owner, kl_weight, kl_new = [], [], [], [], []
     for i, pr in enumerate(problems):
         base = len(seqs)
         seqs += pr.seqs
@@ -214,80 +286,107 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
         tok_owner += [i] * len(pr.rows)
         # mean over templates of (sum over target tokens / n_target)
         tok_weight += [1.0 / (pr.n_templates * pr.n_target)] * len(pr.rows)
-        essence_seq.append(base + len(pr.seqs) - 1)
+        first.append(base)
+        essence = base + pr.n_templates
+        kl_seq.append(essence)
+        kl_pos.append(pr.lookups[pr.n_templates])
+        kl_weight.append(options.kl_factor)
+        for q in range(essence + 1, essence + 1 + pr.n_quiet):
+            kl_seq.append(q)
+            kl_pos.append(len(seqs[q]) - 1)
+            kl_weight.append(options.quiet_factor / pr.n_quiet)
+        kl_owner += [i] * (1 + pr.n_quiet)
+        kl_new += [-1] + [pr.gold[0]] * pr.n_quiet
     owner_t = torch.tensor(owner, device=dev)
     lookups_t = torch.tensor(lookups, device=dev)
     tok_seq_t, tok_pos_t = torch.tensor(tok_seq, device=dev), torch.tensor(tok_pos, device=dev)
     tok_gold_t, tok_owner_t = torch.tensor(tok_gold, device=dev), torch.tensor(tok_owner, device=dev)
     tok_weight_t = torch.tensor(tok_weight, device=dev)
-    essence_t = torch.tensor(essence_seq, device=dev)
-    first_seq = torch.tensor([int(essence_t[i]) - problems[i].n_templates for i in range(len(problems))], device=dev)
+    kl_seq_t, kl_pos_t = torch.tensor(kl_seq, device=dev), torch.tensor(kl_pos, device=dev)
+    kl_owner_t, kl_weight_t = torch.tensor(kl_owner, device=dev), torch.tensor(kl_weight, device=dev)
+    kl_new_t = torch.tensor(kl_new, device=dev)
+    kl_is_quiet = kl_new_t >= 0
+    first_seq = torch.tensor(first, device=dev)
     sites = [Site(site_kind, lay) for lay in layers]  # type: ignore[arg-type]
     m = len(problems)
     # Only the positions from the subject's last token on, at the blocks from the first edited one on, see δ.
-    if full_passes:
-        fwd = SplitForward(lm, seqs, [0] * len(seqs), 0)
-    else:
-        fwd = SplitForward(lm, seqs, lookups, min(s.layer + 1 if s.kind == "resid_out" else s.layer for s in sites))
+    # The quiet texts (long after the subject) run as their own batch, so the prompts are not padded to them.
+    quiet_seq = {s for i in range(m) for s in range(first[i] + problems[i].n_templates + 1,
+                                                      first[i] + problems[i].n_templates + 1 + problems[i].n_quiet)}
+    groups = [[s for s in range(len(seqs)) if s not in quiet_seq], sorted(quiet_seq)]
+    start_layer = min(s.layer + 1 if s.kind == "resid_out" else s.layer for s in sites)
+    fwd = _Batches(lm, seqs, lookups, [g for g in groups if g], start_layer, full_passes)
     n_seq = len(seqs)
     lookup_cols = fwd.columns(torch.arange(n_seq, device=dev), lookups_t)  # δ's column in each row's recomputed part
-    # Scored rows: every target token, then every essence prompt. `gold` is -1 on essence rows.
-    row_seq = torch.cat([tok_seq_t, essence_t])
-    row_col = torch.cat([fwd.columns(tok_seq_t, tok_pos_t), lookup_cols[essence_t]])
-    row_gold = torch.cat([tok_gold_t, torch.full((m,), -1, device=dev)])
-    row_owner = torch.cat([tok_owner_t, torch.arange(m, device=dev)])
-    row_weight = torch.cat([tok_weight_t, torch.zeros(m, device=dev)])  # NLL weights; essence rows carry KL
+    # Scored rows: every target token, then every KL row. `gold` is -1 on KL rows.
+    n_kl = len(kl_seq)
+    row_seq = torch.cat([tok_seq_t, kl_seq_t])
+    row_col = torch.cat([fwd.columns(tok_seq_t, tok_pos_t), fwd.columns(kl_seq_t, kl_pos_t)])
+    row_gold = torch.cat([tok_gold_t, torch.full((n_kl,), -1, device=dev)])
+    row_owner = torch.cat([tok_owner_t, kl_owner_t])
+    row_weight = torch.cat([tok_weight_t, torch.zeros(n_kl, device=dev)])  # NLL weights; KL rows carry KL
+    is_first = torch.zeros(n_seq, dtype=torch.bool, device=dev)
+    is_first[first_seq] = True
 
     v_init = torch.zeros(m, len(sites), lm.arch.d_model(lm.model), device=dev)
     keys: torch.Tensor | None = None
     key_site = Site("mlp.key", layers[0]) if with_keys else None
     delta = torch.zeros_like(v_init, requires_grad=True)
     optimizer = torch.optim.Adam([delta], lr=options.lr)
-    essence_init = max_norm = v_norm_sq = None
+    kl_init = max_norm = v_norm_sq = None
     active = torch.ones(m, dtype=torch.bool, device=dev)
     losses: list[list[float]] = [[] for _ in range(m)]
     nll_final = [float("nan")] * m
     steps = [0] * m
 
     for step in range(1, options.steps + 1):
-        seq_keep = active[owner_t]                      # sequences of unfinished requests
-        keep_idx = seq_keep.nonzero()[:, 0]
-        new_index = torch.full((n_seq,), -1, dtype=torch.long, device=dev)
-        new_index[keep_idx] = torch.arange(len(keep_idx), device=dev)
         row_keep = active[row_owner].nonzero()[:, 0]
         req_keep = active.nonzero()[:, 0]
-        sub_owner, sub_cols = owner_t[keep_idx], lookup_cols[keep_idx]
-        rows_local = torch.arange(len(keep_idx), device=dev)
 
-        def add_delta(activation: torch.Tensor, site: Site) -> torch.Tensor:
-            j = sites.index(site)
-            if step == 1:  # δ = 0: this forward is the unedited one; read v at the bare prompts
-                v_init[:, j] = activation[first_seq, lookup_cols[first_seq]].detach()
-            out = activation.clone()
-            out[rows_local, sub_cols] = out[rows_local, sub_cols] + delta[sub_owner, j]
-            return out
+        def delta_fns(kept: torch.Tensor) -> dict[Site, PatchFn]:
+            """Patches adding each kept sequence's δ at its subject's last token (`kept`: sequence ids)."""
+            sub_owner, sub_cols = owner_t[kept], lookup_cols[kept]
+            rows_local = torch.arange(len(kept), device=dev)
+            bare = is_first[kept]
 
-        fns = {site: add_delta for site in sites}
+            def add_delta(activation: torch.Tensor, site: Site) -> torch.Tensor:
+                j = sites.index(site)
+                if step == 1 and bool(bare.any()):  # δ = 0: the unedited forward; read v at the bare prompts
+                    v_init[sub_owner[bare], j] = activation[rows_local[bare], sub_cols[bare]].detach()
+                out = activation.clone()
+                out[rows_local, sub_cols] = out[rows_local, sub_cols] + delta[sub_owner, j]
+                return out
+
+            return {site: add_delta for site in sites}
+
         optimizer.zero_grad()
-        with capture(lm, [key_site] if key_site and step == 1 else []) as acts:
-            hidden = fwd.final(None if len(keep_idx) == n_seq else keep_idx, fns)
+        hidden, read = fwd.gather(active[owner_t], row_seq[row_keep], row_col[row_keep], delta_fns,
+                                  key_site if step == 1 else None, lookup_cols)
         if key_site is not None and step == 1:
-            keys = acts[key_site][torch.arange(n_seq, device=dev), lookup_cols]
-        logits = lm.arch.logits_from_final(lm.model, hidden[new_index[row_seq[row_keep]], row_col[row_keep]]).float()
+            keys = read
+        logits = lm.arch.logits_from_final(lm.model, hidden).float()
         del hidden
-        n_tok = int((row_gold[row_keep] >= 0).sum())   # target-token rows come first, then the essence rows
-        if step == 1:  # the unedited next-token distribution on the essence prompts
-            essence_init = torch.log_softmax(logits[n_tok:].detach(), dim=-1)  # (m, V)
+        n_tok = int((row_gold[row_keep] >= 0).sum())   # target-token rows come first, then the KL rows
+        if step == 1:  # the unedited next-token distributions at the KL rows
+            kl_init = torch.log_softmax(logits[n_tok:].detach(), dim=-1)  # (n_kl, V)
             max_norm = options.clamp_norm_factor * v_init.norm(dim=-1)     # (m, S)
             v_norm_sq = v_init.norm(dim=-1) ** 2
         logp = torch.log_softmax(logits[:n_tok], dim=-1)
         token_nll = -logp.gather(1, row_gold[row_keep][:n_tok, None])[:, 0]
         nll = torch.zeros(m, device=dev, dtype=token_nll.dtype).index_add(
             0, row_owner[row_keep][:n_tok], token_nll * row_weight[row_keep][:n_tok])[req_keep]
-        essence_now = torch.log_softmax(logits[n_tok:], dim=-1)
-        kl = (essence_init[req_keep].exp() * (essence_init[req_keep] - essence_now)).sum(-1)
+        kl_keep = active[kl_owner_t]
+        kl_now = torch.log_softmax(logits[n_tok:], dim=-1)
+        kl_ref = kl_init[kl_keep]
+        kl_rows = (kl_ref.exp() * (kl_ref - kl_now)).sum(-1)
+        if n_quiet:  # quiet rows: the rise of target_new's log-probability over the unedited model's, if any
+            new = kl_new_t[kl_keep].clamp_min(0)[:, None]
+            rise = (kl_now.gather(1, new) - kl_ref.gather(1, new))[:, 0].clamp_min(0)
+            kl_rows = torch.where(kl_is_quiet[kl_keep], rise, kl_rows)
+        kl_rows = kl_rows * kl_weight_t[kl_keep]
+        kl = torch.zeros(m, device=dev, dtype=kl_rows.dtype).index_add(0, kl_owner_t[kl_keep], kl_rows)[req_keep]
         decay = options.weight_decay * (delta[req_keep].norm(dim=-1) / v_norm_sq[req_keep]).sum(-1)
-        loss = nll + options.kl_factor * kl + decay      # (n_active,)
+        loss = nll + kl + decay      # (n_active,)
         values = loss.tolist()
         nll_values = nll.tolist()
         for j, i in enumerate(req_keep.tolist()):
@@ -315,7 +414,7 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
             delta.mul_(scale[..., None])
         active[req_keep[done]] = False
     if len(sites) > 1:
-        v_star = _seen_values(fwd, sites, first_seq, lookup_cols[first_seq], delta.detach())
+        v_star = _seen_values(fwd.batches[0], sites, fwd.local[first_seq], lookup_cols[first_seq], delta.detach())
     else:
         v_star = (v_init + delta).detach()
     if isinstance(layer, int):
