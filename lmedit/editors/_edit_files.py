@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from lmedit.errors import EditFileError, MissingFileError
+from lmedit.errors import EditFileError, LMEditError, MissingFileError
+from lmedit.types import EditRequest
 
 FORMAT_VERSION = 1                 # what `save` writes
 KNOWN_VERSIONS = frozenset({1})    # what `load` reads
@@ -122,6 +123,26 @@ def json_field(meta: dict[str, str], key: str, kind: type, where: str) -> Any:
         raise EditFileError(f"{where}: metadata {key!r} must be a JSON {'object' if kind is dict else 'array'}, "
                             f"got {type(value).__name__}")
     return value
+
+
+def saved_requests(raw: Any, where: str = "", *, nonempty: bool = False) -> list[EditRequest]:
+    """The edit requests stored in a file's metadata 'requests' (a JSON list of `EditRequest.to_dict()`).
+
+    Raises:
+        EditFileError: not a list (or empty, with `nonempty`), or an item that is not a valid request;
+            the message starts with `where` when given.
+    """
+    prefix = f"{where}: " if where else ""
+    if not isinstance(raw, list) or (nonempty and not raw):
+        raise EditFileError(f"{prefix}metadata 'requests' must be a {'non-empty ' if nonempty else ''}list, "
+                            f"got {type(raw).__name__}")
+    requests = []
+    for i, item in enumerate(raw):
+        try:
+            requests.append(EditRequest.from_dict(item))
+        except (LMEditError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise EditFileError(f"{prefix}metadata 'requests'[{i}] is not a valid edit request ({exc})") from None
+    return requests
 
 
 Parts = dict[str, dict[str, torch.Tensor]]  # parameter -> {part: tensor}

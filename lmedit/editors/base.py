@@ -41,7 +41,8 @@ from safetensors.torch import save
 from lmedit.cache import atomic_write
 from lmedit.config import check_ranges
 from lmedit.editors._edit_files import (ADAPTOR_FORMAT, FORMAT_VERSION, WEIGHT_FORMAT, WRAPPER_FORMAT, check_metadata,
-                                        check_tensor_names, json_field, read_metadata, read_tensors, weight_parts)
+                                        check_tensor_names, json_field, read_metadata, read_tensors, saved_requests,
+                                        weight_parts)
 from lmedit.errors import EditFailedError, EditFileError, LMEditError, RequestError
 from lmedit.models.params import read as read_param
 from lmedit.models.params import write as write_params
@@ -365,13 +366,7 @@ class WeightEdit(Edit):
         where = label or str(path)
         meta = read_metadata(path, label)
         common = check_metadata(meta, WEIGHT_FORMAT, ("requests",), where)
-        raw_requests = json_field(meta, "requests", list, where)
-        requests = []
-        for i, raw in enumerate(raw_requests):
-            try:
-                requests.append(EditRequest.from_dict(raw))
-            except (LMEditError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise EditFileError(f"{where}: metadata 'requests'[{i}] is not a valid edit request ({exc})") from None
+        requests = saved_requests(json_field(meta, "requests", list, where), where)
         parts, keys = weight_parts(read_tensors(path, label), where)
         deltas = {name: ParamDelta(**p) for name, p in parts.items()}
         return cls(deltas=deltas, requests=tuple(requests), method=meta["method"], config=common["config"],

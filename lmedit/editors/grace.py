@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from lmedit.config import check_ranges, to_dict
+from lmedit.editors._edit_files import saved_requests
 from lmedit.editors.adaptor import DEPTH, AdaptorEdit, LayerAtDepth  # noqa: F401  (DEPTH: `layer: null`)
 from lmedit.editors.base import Editor, EditorConfig, check_requests
 from lmedit.editors.steps.finetune import target_batch, train_on_targets
@@ -204,15 +205,7 @@ class GraceEdit(AdaptorEdit, adaptor="grace"):
         """Rebuild a saved edit after checking its tensors and metadata (`EditFileError` names what is wrong)."""
         if set(tensors) != {"keys", "values", "radii"}:
             raise EditFileError(f"tensors {sorted(tensors)}; a GRACE edit has exactly 'keys', 'values' and 'radii'")
-        raw = metadata.get("requests")
-        if not isinstance(raw, list) or not raw:
-            raise EditFileError(f"metadata 'requests' must be a non-empty list, got {type(raw).__name__}")
-        requests = []
-        for i, item in enumerate(raw):
-            try:
-                requests.append(EditRequest.from_dict(item))
-            except (LMEditError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise EditFileError(f"metadata 'requests'[{i}] is not a valid edit request ({exc})") from None
+        requests = saved_requests(metadata.get("requests"), nonempty=True)
         if bool((tensors["radii"] < 0).any()):
             raise EditFileError("tensor 'radii' holds a negative radius")
         return cls(requests, tensors["keys"], tensors["values"], tensors["radii"], **common)

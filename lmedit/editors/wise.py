@@ -74,6 +74,7 @@ import torch
 from torch import nn
 
 from lmedit.config import check_ranges, to_dict
+from lmedit.editors._edit_files import saved_requests
 from lmedit.editors.adaptor import AdaptorEdit, LayerAtDepth
 from lmedit.editors.base import Editor, EditorConfig, check_requests
 from lmedit.editors.steps.finetune import TargetBatch, target_batch, train_on_targets, trainable_copies
@@ -245,15 +246,7 @@ class WiseEdit(AdaptorEdit, adaptor="wise"):
         """Rebuild a saved edit after checking its tensors and metadata (`EditFileError` names what is wrong)."""
         if set(tensors) != {"delta", "threshold"}:
             raise EditFileError(f"tensors {sorted(tensors)}; a WISE edit has exactly 'delta' and 'threshold'")
-        raw = metadata.get("requests")
-        if not isinstance(raw, list) or not raw:
-            raise EditFileError(f"metadata 'requests' must be a non-empty list, got {type(raw).__name__}")
-        requests = []
-        for i, item in enumerate(raw):
-            try:
-                requests.append(EditRequest.from_dict(item))
-            except (LMEditError, KeyError, TypeError, ValueError, AttributeError) as exc:
-                raise EditFileError(f"metadata 'requests'[{i}] is not a valid edit request ({exc})") from None
+        requests = saved_requests(metadata.get("requests"), nonempty=True)
         threshold = tensors["threshold"]
         if threshold.shape != (1,) or not float(threshold) > 0:
             raise EditFileError(f"tensor 'threshold' must hold one positive number, got {threshold.tolist()}")
