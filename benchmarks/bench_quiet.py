@@ -6,14 +6,21 @@ prefixes are cached and warmed first. Reports the median edit time of each, the 
 ratios, the v* steps, the time per step, and the loss on the neutral probe text (`eval/health.py`) with
 each edit applied. The issue's bound: quiet edit time ≤ 1.5× plain.
 
+`--step-cost` (ROME only) measures instead what one v* step costs with 0 (plain), 1, 2, 4 and 8 quiet texts:
+`optimize_value` on the first `--records` requests with the shipped ROME settings and a fixed 10 steps (no
+early stop), median seconds per step over the requests. It separates the quiet batch's fixed cost (a second
+forward and backward through the edited blocks) from its cost per text.
+
 Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_quiet.py --data cf-2001-2100.json [--records 20]
            [--method rome] [--model gemma3-270m] [--set quiet_factor=4] [--set quiet_prompts=4]
+       OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_quiet.py --data cf-2001-2100.json --records 5 --step-cost
 Run it alone: two torch processes on two cores slow each other several-fold.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -36,6 +43,30 @@ def steps_of(edit) -> int:
     return int(infos[0].get("v_steps", 0)) if infos else 0
 
 
+def step_cost(lm, editor, requests, model: str) -> None:
+    """Seconds per v* step (10 fixed steps) for 0, 1, 2, 4 and 8 quiet texts, median over `requests`."""
+    from lmedit.editors.steps.value import context_prefixes, optimize_value
+
+    cfg = editor.config
+    prefixes = context_prefixes(lm, ((5, cfg.prefixes_short), (10, cfg.prefixes_long)), seed=cfg.seed,
+                                cache=editor.cache)
+    layer = editor.layer_for(lm)
+    base = dataclasses.replace(cfg.value_options(), steps=10, early_stop_loss=0.0)
+    variants = {"plain": dataclasses.replace(base, quiet_factor=0.0)}
+    for n in (1, 2, 4, 8):
+        variants[f"quiet_{n}"] = dataclasses.replace(base, quiet_factor=4.0, quiet_prompts=n)
+    optimize_value(lm, layer, requests[0], prefixes, variants["quiet_1"], with_keys=True)  # warm
+    per_step: dict[str, list[float]] = {k: [] for k in variants}
+    for request in requests:
+        for name, options in variants.items():
+            seconds, _ = timed(lambda: optimize_value(lm, layer, request, prefixes, options, with_keys=True))
+            per_step[name].append(seconds / options.steps)
+    med = {k: round(median(v), 4) for k, v in per_step.items()}
+    emit({"benchmark": "quiet_step_cost", "method": "rome", "model": model, "n_requests": len(requests),
+          "threads": torch.get_num_threads(), "steps": 10, "s_per_step_median": med,
+          "over_plain": {k: round(v / med["plain"], 3) for k, v in med.items()}})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--method", default="rome")
@@ -44,6 +75,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=20)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="quiet settings (default quiet_factor=4)")
+    parser.add_argument("--step-cost", action="store_true",
+                        help="ROME only: seconds per v* step with 0, 1, 2, 4 and 8 quiet texts (fixed 10 steps)")
     args = parser.parse_args()
     lm = lmedit.load(args.model)
     quiet_set = args.set or ["quiet_factor=4"]
@@ -51,6 +84,12 @@ def main() -> None:
     quiet, _ = resolve_editor(args.method, lm, None, quiet_set)
     records = load_dataset("counterfact", Path(args.data)).records[: args.records]
     requests = [r.requests[0] for r in records]
+    if args.step_cost:
+        if args.method != "rome":
+            parser.error("--step-cost measures ROME's v* step only")
+        plain.edit(lm, requests[:1])  # warm: statistics, prefixes
+        step_cost(lm, plain, requests, args.model)
+        return
     plain.edit(lm, requests[:1])  # warm: statistics, prefixes, allocator
     quiet.edit(lm, requests[:1])
     times = {"plain": [], "quiet": []}
