@@ -48,8 +48,7 @@ def step_cost(lm, editor, requests, model: str) -> None:
     from lmedit.editors.steps.value import context_prefixes, optimize_value
 
     cfg = editor.config
-    prefixes = context_prefixes(lm, ((5, cfg.prefixes_short), (10, cfg.prefixes_long)), seed=cfg.seed,
-                                cache=editor.cache)
+    prefixes = context_prefixes(lm, cfg.prefix_lengths(), seed=cfg.seed, cache=editor.cache)
     layer = editor.layer_for(lm)
     base = dataclasses.replace(cfg.value_options(), steps=10, early_stop_loss=0.0)
     variants = {"plain": dataclasses.replace(base, quiet_factor=0.0)}
@@ -80,16 +79,16 @@ def main() -> None:
     args = parser.parse_args()
     lm = lmedit.load(args.model)
     quiet_set = args.set or ["quiet_factor=4"]
+    if args.step_cost and args.method != "rome":
+        parser.error("--step-cost measures ROME's v* step only")
     plain, _ = resolve_editor(args.method, lm, None)
-    quiet, _ = resolve_editor(args.method, lm, None, quiet_set)
     records = load_dataset("counterfact", Path(args.data)).records[: args.records]
     requests = [r.requests[0] for r in records]
     if args.step_cost:
-        if args.method != "rome":
-            parser.error("--step-cost measures ROME's v* step only")
         plain.edit(lm, requests[:1])  # warm: statistics, prefixes
         step_cost(lm, plain, requests, args.model)
         return
+    quiet, _ = resolve_editor(args.method, lm, None, quiet_set)
     plain.edit(lm, requests[:1])  # warm: statistics, prefixes, allocator
     quiet.edit(lm, requests[:1])
     times = {"plain": [], "quiet": []}

@@ -66,8 +66,12 @@ class RomeConfig(QuietSettings, EditorConfig):
         CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
         self.check_quiet()
 
+    def prefix_lengths(self) -> tuple[tuple[int, int], ...]:
+        """(tokens, count) of the random context prefixes (`steps.value.context_prefixes`)."""
+        return ((5, self.prefixes_short), (10, self.prefixes_long))
+
     def prefix_tokens(self) -> int:
-        return prefix_token_bound(((5, self.prefixes_short), (10, self.prefixes_long)))
+        return prefix_token_bound(self.prefix_lengths())
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
@@ -133,8 +137,7 @@ class RomeEditor(Editor[RomeConfig]):
         layer = self.layer_for(lm)
         torch.manual_seed(self.config.seed)
         C = self.covariance(lm, layer)
-        prefixes = context_prefixes(lm, ((5, self.config.prefixes_short), (10, self.config.prefixes_long)),
-                                    seed=self.config.seed, cache=self.cache)
+        prefixes = context_prefixes(lm, self.config.prefix_lengths(), seed=self.config.seed, cache=self.cache)
         param = lm.arch.param_name(lm.model, layer, "mlp_out")
         module = lm.arch.block_module(lm.model, layer, "mlp_out")
         lefts, rights, infos = [], [], []
