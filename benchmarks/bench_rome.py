@@ -59,7 +59,8 @@ def floor_time(lm, layer: int, request: EditRequest, prefixes: list[str], n_forw
     """
     problem = value_problem(lm, request, prefixes, "{} is a")
     seqs, lookups = problem.seqs, problem.lookups
-    fwd = SplitForward(lm, seqs, lookups if delta_only else [0] * len(seqs), layer if delta_only else 0)
+    fwd = SplitForward(lm, seqs, lookups if delta_only else [0] * len(seqs), layer if delta_only else 0,
+                       groups=[0] * len(seqs))   # one request: its rows may share lanes, as in the editor
     all_rows = torch.arange(len(seqs))
     cols = fwd.columns(all_rows, torch.tensor(lookups))
     rows = torch.tensor(problem.rows + [len(seqs) - 1])
@@ -67,15 +68,17 @@ def floor_time(lm, layer: int, request: EditRequest, prefixes: list[str], n_forw
     score_cols = fwd.columns(rows, positions)
     delta = torch.zeros(lm.arch.d_model(lm.model), requires_grad=True)
 
+    at, scored = fwd.address(all_rows, cols), fwd.address(rows, score_cols)
+
     def add(act, site):
         out = act.clone()
-        out[all_rows, cols] = out[all_rows, cols] + delta
+        out[at] = out[at] + delta
         return out
 
     def run():
         for i in range(n_forward):
             hidden = fwd.final(None, {Site("mlp.out", layer): add})
-            loss = lm.arch.logits_from_final(lm.model, hidden[rows, score_cols]).float().logsumexp(-1).mean()
+            loss = lm.arch.logits_from_final(lm.model, hidden[scored]).float().logsumexp(-1).mean()
             if i < n_forward - 1:
                 loss.backward()
 

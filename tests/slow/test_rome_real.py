@@ -68,14 +68,16 @@ def test_subject_lookup_on_real_tokenizers(gemma, smollm):
         assert len(target_ids(lm, "Rome")) == 1
 
 
+@pytest.mark.parametrize("quiet", [0.0, 4.0])
 @pytest.mark.parametrize("model_fixture,layer", [("gemma", 2), ("smollm", 4)])
-def test_delta_only_passes_give_the_full_forward_answer(model_fixture, layer, request):
-    """v* from the δ-only passes (`SplitForward`) equals the full-forward v* to 1e-5 on the real models."""
+def test_delta_only_passes_give_the_full_forward_answer(model_fixture, layer, quiet, request):
+    """v* from the δ-only passes (`SplitForward`) equals the full-forward v* to 1e-5 on the real models, with
+    the quiet option too (its long texts and the prompts packed into shared lanes)."""
     from lmedit.editors.steps.value import ValueOptions, optimize_value
 
     lm = request.getfixturevalue(model_fixture)
     prefixes = ["", "Yesterday I walked to the market. ", "The weather was cold. "]
-    options = ValueOptions(steps=5, clamp_norm_factor=1.0)
+    options = ValueOptions(steps=5, clamp_norm_factor=1.0, quiet_factor=quiet, quiet_prompts=3)
     full = optimize_value(lm, layer, EIFFEL, prefixes, options, full_passes=True, with_keys=True)
     split = optimize_value(lm, layer, EIFFEL, prefixes, options, with_keys=True)
     assert split.steps == full.steps

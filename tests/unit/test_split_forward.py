@@ -48,25 +48,46 @@ def test_split_forward_matches_full_forward(tiny_family_lm, layer):
     full = _full_final(lm, seqs, {Site("mlp.out", layer): add_full})
     fwd = SplitForward(lm, seqs, splits, layer)
     cols = fwd.columns(rows, torch.tensor(splits))
-    assert (cols == 0).all() and fwd.P == max(splits) > 0
+    assert (cols == 0).all() and fwd.P == max(splits) > 0 and fwd.n_lanes == len(seqs)
+    _check_rows(fwd, full, seqs, splits, delta, layer, rows)
+    # A sub-batch of rows reads the right rows of the cache.
+    _check_rows(fwd, full, seqs, splits, delta, layer, torch.tensor([2, 0]))
 
-    def add_split(act, site):
+
+def _check_rows(fwd, full, seqs, splits, delta, layer, rows):
+    """`fwd`'s forward of the lanes of `rows`, δ added at each row's split point, matches `full` at every
+    recomputed position of those rows."""
+    lanes = fwd.lanes_of(rows)
+    at = fwd.address(rows, torch.zeros_like(rows), lanes)
+    with torch.no_grad():
+        part = fwd.final(lanes, {Site("mlp.out", layer): lambda act, site: act.index_put(at, act[at] + delta)})
+    for i in rows.tolist():
+        n = len(seqs[i]) - splits[i]
+        lane, col = fwd.address(torch.tensor([i] * n), torch.arange(n), lanes)
+        torch.testing.assert_close(part[lane, col], full[i, splits[i]:len(seqs[i])], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_packed_lanes_match_full_forward(tiny_family_lm, layer):
+    """Short rows packed into one lane beside a long one (one group) compute what their own full forwards do."""
+    lm = tiny_family_lm
+    seqs, splits = _batch(lm)
+    long = "{} is located in the city of Rome. The Statue of Liberty is located in the city of"
+    seqs.append(prompt_ids(lm, long.format(SUBJECT)))
+    splits.append(subject_span(lm, long, SUBJECT).last)
+    torch.manual_seed(0)
+    delta = torch.randn(lm.arch.d_model(lm.model))
+    rows = torch.arange(len(seqs))
+
+    def add_full(act, site):
         out = act.clone()
-        out[rows, cols] += delta
+        out[rows, torch.tensor(splits)] += delta
         return out
 
-    with torch.no_grad():
-        part = fwd.final(None, {Site("mlp.out", layer): add_split})
-    for i, (s, at) in enumerate(zip(seqs, splits)):
-        torch.testing.assert_close(part[i, :len(s) - at], full[i, at:len(s)], rtol=1e-5, atol=1e-5)
-    # A sub-batch of rows reads the right rows of the cache.
-    sub = torch.tensor([2, 0])
-    with torch.no_grad():
-        some = fwd.final(sub, {Site("mlp.out", layer): lambda act, site: act.index_put(
-            (torch.arange(2), cols[sub]), act[torch.arange(2), cols[sub]] + delta)})
-    for j, i in enumerate(sub.tolist()):
-        at = splits[i]
-        torch.testing.assert_close(some[j, :len(seqs[i]) - at], full[i, at:len(seqs[i])], rtol=1e-5, atol=1e-5)
+    full = _full_final(lm, seqs, {Site("mlp.out", layer): add_full})
+    fwd = SplitForward(lm, seqs, splits, layer, groups=[0] * len(seqs))
+    assert fwd.n_lanes < len(seqs), "the short rows share lanes"
+    _check_rows(fwd, full, seqs, splits, delta, layer, rows)
 
 
 def test_split_forward_past_a_sliding_window():
@@ -78,10 +99,8 @@ def test_split_forward_past_a_sliding_window():
     splits = [subject_span(lm, t, SUBJECT).last for t in (long, "{} is located in")]
     assert len(seqs[0]) > 2 * 16
     full = _full_final(lm, seqs, {})
-    with torch.no_grad():
-        part = SplitForward(lm, seqs, splits, 2).final()
-    for i, (s, at) in enumerate(zip(seqs, splits)):
-        torch.testing.assert_close(part[i, :len(s) - at], full[i, at:len(s)], rtol=1e-5, atol=1e-5)
+    fwd = SplitForward(lm, seqs, splits, 2, groups=[0, 0])
+    _check_rows(fwd, full, seqs, splits, torch.zeros(lm.arch.d_model(lm.model)), 2, torch.arange(2))
 
 
 def test_split_forward_gradient_reaches_delta_only_through_recomputed_part(tiny_llama):
@@ -106,12 +125,14 @@ def test_split_forward_rejects_bad_splits(tiny_llama):
         SplitForward(tiny_llama, [[1, 2, 3]], [0, 1], 0)
 
 
-@pytest.mark.parametrize("layer,kind", [(1, "mlp.out"), ((1, 2), "mlp.out"), (2, "resid_out")])
-def test_value_optimisation_same_answer_as_full_passes(tiny_family_lm, layer, kind):
-    """v* from the δ-only passes equals the full-forward result to 1e-5, with the same number of steps."""
+@pytest.mark.parametrize("layer,kind,quiet", [(1, "mlp.out", 0.0), ((1, 2), "mlp.out", 0.0), (2, "resid_out", 0.0),
+                                              (1, "mlp.out", 4.0)])
+def test_value_optimisation_same_answer_as_full_passes(tiny_family_lm, layer, kind, quiet):
+    """v* from the δ-only passes equals the full-forward result to 1e-5, with the same number of steps
+    (with the quiet option too, whose long texts share lanes with the prompts)."""
     lm = tiny_family_lm
     layers = list(layer) if isinstance(layer, tuple) else layer
-    options = ValueOptions(steps=8)
+    options = ValueOptions(steps=8, quiet_factor=quiet, quiet_prompts=3)
     full = optimize_values(lm, layers, REQUESTS, PREFIXES, options, site_kind=kind, full_passes=True)
     split = optimize_values(lm, layers, REQUESTS, PREFIXES, options, site_kind=kind)
     for a, b in zip(full, split):

@@ -11,7 +11,7 @@ Not handled: subject tokens other than the last one ("subject_last" in ROME's te
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,7 +19,7 @@ import torch
 
 from lmedit.cache import describe, read_json, write_json
 from lmedit.editors.steps.quiet import quiet_templates
-from lmedit.hooks import PatchFn, capture
+from lmedit.hooks import capture
 from lmedit.scoring import teacher_forced
 from lmedit.split_forward import SplitForward
 from lmedit.tokens import prompt_ids, subject_span
@@ -174,69 +174,18 @@ def _seen_values(fwd: SplitForward, sites: Sequence[Site], rows: torch.Tensor, c
     layers' δ* plus its own δ, not v_init + δ: the earlier δ change what reaches it. That is the value the
     layer must produce for the model to repeat the optimised forward, so it is the target.
     """
-    local = torch.arange(len(rows), device=rows.device)
+    lanes = fwd.lanes_of(rows)
+    at = fwd.address(rows, cols, lanes)
     seen: dict[Site, torch.Tensor] = {}
 
     def add_and_record(activation: torch.Tensor, site: Site) -> torch.Tensor:
         out = activation.clone()
-        out[local, cols] = out[local, cols] + delta[:, sites.index(site)]
-        seen[site] = out[local, cols]
+        out[at] = out[at] + delta[:, sites.index(site)]
+        seen[site] = out[at]
         return out
 
-    fwd.final(rows, {site: add_and_record for site in sites})
+    fwd.final(lanes, {site: add_and_record for site in sites})
     return torch.stack([seen[site] for site in sites], 1)
-
-
-class _Batches:
-    """The value problem's sequences as one or more `SplitForward` batches (each padded to its own longest
-    recomputed part), addressed by global sequence index."""
-
-    def __init__(self, lm: LM, seqs: Sequence[Sequence[int]], lookups: Sequence[int], groups: Sequence[Sequence[int]],
-                 start_layer: int, full_passes: bool) -> None:
-        dev = lm.device
-        self.ids = [torch.tensor(list(g), device=dev) for g in groups]
-        self.splits = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        if not full_passes:
-            self.splits[:] = torch.tensor(list(lookups), device=dev)
-        self.group = torch.empty(len(seqs), dtype=torch.long, device=dev)
-        self.local = torch.empty(len(seqs), dtype=torch.long, device=dev)
-        self.batches = []
-        for g, ids in enumerate(self.ids):
-            self.group[ids] = g
-            self.local[ids] = torch.arange(len(ids), device=dev)
-            splits = [int(self.splits[i]) for i in ids]
-            self.batches.append(SplitForward(lm, [seqs[i] for i in ids.tolist()], splits,
-                                             0 if full_passes else start_layer))
-        self.lm = lm
-
-    def columns(self, seqs: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return positions - self.splits[seqs]
-
-    def gather(self, keep: torch.Tensor, row_seq: torch.Tensor, row_col: torch.Tensor,
-               make_fns: Callable[[torch.Tensor], Mapping[Site, PatchFn]], key_site: Site | None,
-               key_cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the kept sequences (`keep`: bool per sequence) with the patches `make_fns(kept ids)` of each batch
-        and return the final-norm hidden states at (row_seq, row_col) in that order -> (rows, d_model), and with
-        `key_site` the keys there at each kept sequence's `key_cols` -> (n_seq, d_mlp)."""
-        pieces, order = [], []
-        keys = None
-        for g, (ids, fwd) in enumerate(zip(self.ids, self.batches)):
-            kept = ids[keep[ids]]
-            if not len(kept):
-                continue
-            with capture(self.lm, [key_site] if key_site else []) as acts:
-                hidden = fwd.final(None if len(kept) == len(ids) else self.local[kept], make_fns(kept))
-            if key_site is not None:
-                read = acts[key_site][torch.arange(len(kept), device=kept.device), key_cols[kept]]
-                if keys is None:
-                    keys = read.new_zeros(len(self.splits), read.shape[-1])
-                keys[kept] = read
-            at = (self.group[row_seq] == g).nonzero()[:, 0]
-            position = torch.full((len(self.splits),), -1, dtype=torch.long, device=kept.device)
-            position[kept] = torch.arange(len(kept), device=kept.device)
-            pieces.append(hidden[position[row_seq[at]], row_col[at]])
-            order.append(at)
-        return torch.cat(pieces)[torch.argsort(torch.cat(order))], keys
 
 
 def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditRequest], prefixes: Sequence[str],
@@ -262,8 +211,8 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     With `options.quiet_factor` > 0, each request also gets `quiet_prompts` texts "{prompt} {target_new}.
     {prompt about another subject}" (`steps.quiet`), δ added at its subject as everywhere, and the loss gains
     quiet_factor × the mean over them of max(0, log p(target_new's first token) − the same at step 1, δ = 0)
-    at their last token. They run as a `SplitForward` batch of their own (`_Batches`): their recomputed part
-    is several times longer than the prompts', and one padded batch would make every row that long.
+    at their last token. Their recomputed part is several times longer than the prompts'; `SplitForward`
+    packs each request's short prompts into lanes as long as its quiet texts, so one forward serves both.
     """
     layers = [layer] if isinstance(layer, int) else list(layer)
     n_quiet = options.quiet_prompts if options.quiet_factor > 0 else 0
@@ -310,12 +259,11 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
     sites = [Site(site_kind, lay) for lay in layers]  # type: ignore[arg-type]
     m = len(problems)
     # Only the positions from the subject's last token on, at the blocks from the first edited one on, see δ.
-    # The quiet texts (long after the subject) run as their own batch, so the prompts are not padded to them.
-    quiet_seq = {s for i in range(m) for s in range(first[i] + problems[i].n_templates + 1,
-                                                      first[i] + problems[i].n_templates + 1 + problems[i].n_quiet)}
-    groups = [[s for s in range(len(seqs)) if s not in quiet_seq], sorted(quiet_seq)]
+    # A request's sequences share lanes (the quiet texts are long, its prompts short), requests never do, so a
+    # finished request's lanes leave the batch.
     start_layer = min(s.layer + 1 if s.kind == "resid_out" else s.layer for s in sites)
-    fwd = _Batches(lm, seqs, lookups, [g for g in groups if g], start_layer, full_passes)
+    fwd = SplitForward(lm, seqs, [0] * len(seqs) if full_passes else lookups, 0 if full_passes else start_layer,
+                       groups=owner)
     n_seq = len(seqs)
     lookup_cols = fwd.columns(torch.arange(n_seq, device=dev), lookups_t)  # δ's column in each row's recomputed part
     # Scored rows: every target token, then every KL row. `gold` is -1 on KL rows.
@@ -343,27 +291,28 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
         row_keep = active[row_owner].nonzero()[:, 0]
         req_keep = active.nonzero()[:, 0]
 
-        def delta_fns(kept: torch.Tensor) -> dict[Site, PatchFn]:
-            """Patches adding each kept sequence's δ at its subject's last token (`kept`: sequence ids)."""
-            sub_owner, sub_cols = owner_t[kept], lookup_cols[kept]
-            rows_local = torch.arange(len(kept), device=dev)
-            bare = is_first[kept]
+        kept = active[owner_t].nonzero()[:, 0]          # the unfinished requests' sequences
+        lanes = fwd.lanes_of(kept)
+        sub_owner = owner_t[kept]
+        at = fwd.address(kept, lookup_cols[kept], lanes)  # each kept sequence's subject's last token
+        bare = is_first[kept]
 
-            def add_delta(activation: torch.Tensor, site: Site) -> torch.Tensor:
-                j = sites.index(site)
-                if step == 1 and bool(bare.any()):  # δ = 0: the unedited forward; read v at the bare prompts
-                    v_init[sub_owner[bare], j] = activation[rows_local[bare], sub_cols[bare]].detach()
-                out = activation.clone()
-                out[rows_local, sub_cols] = out[rows_local, sub_cols] + delta[sub_owner, j]
-                return out
-
-            return {site: add_delta for site in sites}
+        def add_delta(activation: torch.Tensor, site: Site) -> torch.Tensor:
+            """Add each kept sequence's δ at its subject's last token."""
+            j = sites.index(site)
+            if step == 1 and bool(bare.any()):  # δ = 0: the unedited forward; read v at the bare prompts
+                v_init[sub_owner[bare], j] = activation[at[0][bare], at[1][bare]].detach()
+            out = activation.clone()
+            out[at] = out[at] + delta[sub_owner, j]
+            return out
 
         optimizer.zero_grad()
-        hidden, read = fwd.gather(active[owner_t], row_seq[row_keep], row_col[row_keep], delta_fns,
-                                  key_site if step == 1 else None, lookup_cols)
-        if key_site is not None and step == 1:
-            keys = read
+        read_keys = key_site is not None and step == 1
+        with capture(lm, [key_site] if read_keys else []) as acts:
+            hidden = fwd.final(lanes, {site: add_delta for site in sites})
+        if read_keys:
+            keys = acts[key_site][at]              # step 1: every sequence is kept, in order
+        hidden = hidden[fwd.address(row_seq[row_keep], row_col[row_keep], lanes)]
         logits = lm.arch.logits_from_final(lm.model, hidden).float()
         del hidden
         n_tok = int((row_gold[row_keep] >= 0).sum())   # target-token rows come first, then the KL rows
@@ -420,7 +369,7 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
             delta.mul_(scale[..., None])
         active[req_keep[done]] = False
     if len(sites) > 1:
-        v_star = _seen_values(fwd.batches[0], sites, fwd.local[first_seq], lookup_cols[first_seq], delta.detach())
+        v_star = _seen_values(fwd, sites, first_seq, lookup_cols[first_seq], delta.detach())
     else:
         v_star = (v_init + delta).detach()
     if isinstance(layer, int):
