@@ -8,8 +8,7 @@ each edit applied. The issue's bound: quiet edit time ≤ 1.5× plain.
 
 `--step-cost` (ROME only) measures instead what one v* step costs with 0 (plain), 1, 2, 4 and 8 quiet texts:
 `optimize_value` on the first `--records` requests with the shipped ROME settings and a fixed 10 steps (no
-early stop), median seconds per step over the requests. It separates the quiet batch's fixed cost (a second
-forward and backward through the edited blocks) from its cost per text.
+early stop), median seconds per step over the requests: what the quiet texts add to a step, by count.
 
 Usage: OMP_NUM_THREADS=2 .venv/bin/python benchmarks/bench_quiet.py --data cf-2001-2100.json [--records 20]
            [--method rome] [--model gemma3-270m] [--set quiet_factor=4] [--set quiet_prompts=4]

@@ -48,6 +48,7 @@ class RomeConfig(QuietSettings, EditorConfig):
     layer: int | None = None           # edited block; None = the causal-tracing suggestion for this model
     v_steps: int = 20                  # Adam steps for v* (ROME: 20)
     v_lr: float = 0.5                  # Adam lr for v* (ROME: 0.5)
+    v_early_stop: float = 0.05         # stop once target_new's mean NLL is below this (ROME's code: 0.05)
     kl_factor: float = 0.0625          # essence-drift KL weight (ROME: 0.0625)
     v_weight_decay: float = 0.5        # ‖δ‖/‖v‖² penalty (ROME GPT-2 XL: 0.5)
     clamp_norm_factor: float = 4.0     # ‖v* − v‖ ≤ 4‖v‖ (ROME)
@@ -60,7 +61,8 @@ class RomeConfig(QuietSettings, EditorConfig):
 
     def __post_init__(self) -> None:
         check_ranges(self, positive=("v_lr", "clamp_norm_factor"),
-                     nonnegative=("kl_factor", "v_weight_decay", "prefixes_short", "prefixes_long"),
+                     nonnegative=("kl_factor", "v_weight_decay", "prefixes_short", "prefixes_long",
+                                  "v_early_stop"),
                      at_least_one=("v_steps", "corpus_tokens"), intervals={"cov_shrinkage": "[0, 1)"},
                      layers=("layer",))
         CorpusSpec(source=self.corpus, n_tokens=self.corpus_tokens)
@@ -75,6 +77,7 @@ class RomeConfig(QuietSettings, EditorConfig):
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
+                            early_stop_loss=self.v_early_stop,
                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
                             quiet_factor=self.quiet_factor, quiet_prompts=self.quiet_prompts)
 

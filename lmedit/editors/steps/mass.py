@@ -57,6 +57,7 @@ class MassEditConfig(QuietSettings, EditorConfig):
     layers: tuple[int, ...] | None = None  # edited range, ascending; None = 4 layers ending at the tracing suggestion
     v_steps: int = 25                      # Adam steps for z (MEMIT: 25)
     v_lr: float = 0.5                      # (MEMIT: 0.5)
+    v_early_stop: float = 0.05             # stop once target_new's mean NLL is below this (ROME's code: 0.05)
     kl_factor: float = 0.0625              # essence KL weight (MEMIT: 0.0625)
     v_weight_decay: float = 0.5            # ‖δ‖/‖h‖² penalty (MEMIT GPT-J: 0.5)
     clamp_norm_factor: float = 0.75        # ‖z − h‖ ≤ 0.75‖h‖ (MEMIT GPT-J: 0.75)
@@ -70,7 +71,7 @@ class MassEditConfig(QuietSettings, EditorConfig):
     def __post_init__(self) -> None:
         owner = type(self).__name__
         check_ranges(self, positive=("v_lr", "clamp_norm_factor"),
-                     nonnegative=("kl_factor", "v_weight_decay", "prefixes"),
+                     nonnegative=("kl_factor", "v_weight_decay", "prefixes", "v_early_stop"),
                      at_least_one=("v_steps", "chunk", "batch_size", "corpus_tokens"), layers=("layers",))
         if self.layers is not None and not self.layers:
             raise ConfigError(f"{owner}.layers must name at least one layer (or be null for the default range)")
@@ -84,6 +85,7 @@ class MassEditConfig(QuietSettings, EditorConfig):
 
     def value_options(self) -> ValueOptions:
         return ValueOptions(steps=self.v_steps, lr=self.v_lr, kl_factor=self.kl_factor,
+                            early_stop_loss=self.v_early_stop,
                             weight_decay=self.v_weight_decay, clamp_norm_factor=self.clamp_norm_factor,
                             quiet_factor=self.quiet_factor, quiet_prompts=self.quiet_prompts)
 

@@ -14,7 +14,8 @@ log-probability above the *unedited* model's on the same text (which has read th
 too): max(0, log p_edited(new) − log p_unedited(new)), averaged over the texts, times `quiet_factor`. The
 edit may add nothing to the copying the words alone cause. The other subjects come from a fixed list of
 well-known entities shipped here, never from an evaluation set. `steps.value.optimize_values` scores these
-texts next to ROME's essence KL rows, in a batch of their own.
+texts next to ROME's essence KL rows, in the same forward (`SplitForward` packs the request's short prompts
+into lanes as long as these texts).
 
 Tried and kept out (docs/editors.md, "Quiet edits"): a full KL to the unedited distribution on the same
 texts instead of the one-token hinge (it fought efficacy: ES 0.97 → 0.90 at weight 4 for less Specificity+),
