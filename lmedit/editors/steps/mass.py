@@ -57,7 +57,7 @@ class MassEditConfig(QuietSettings, EditorConfig):
     layers: tuple[int, ...] | None = None  # edited range, ascending; None = 4 layers ending at the tracing suggestion
     v_steps: int = 25                      # Adam steps for z (MEMIT: 25)
     v_lr: float = 0.5                      # (MEMIT: 0.5)
-    v_early_stop: float = 0.05             # stop once target_new's mean NLL is below this (ROME's code: 0.05)
+    v_early_stop: float = 0.05             # stop once target_new's mean NLL is below this (MEMIT's code: 0.05)
     kl_factor: float = 0.0625              # essence KL weight (MEMIT: 0.0625)
     v_weight_decay: float = 0.5            # ‖δ‖/‖h‖² penalty (MEMIT GPT-J: 0.5)
     clamp_norm_factor: float = 0.75        # ‖z − h‖ ≤ 0.75‖h‖ (MEMIT GPT-J: 0.75)

@@ -327,17 +327,14 @@ def optimize_values(lm: LM, layer: int | Sequence[int], requests: Sequence[EditR
         kl_keep = active[kl_owner_t]
         kl_now = torch.log_softmax(logits[n_tok:], dim=-1)
         kl_ref = kl_init[kl_keep]
-        if n_quiet:
-            # Essence rows: the full KL to the unedited distribution. Quiet rows: the rise of target_new's
-            # log-probability over the unedited model's, if any (each row gets only its own term).
-            quiet = kl_is_quiet[kl_keep]
-            ess, qui = (~quiet).nonzero()[:, 0], quiet.nonzero()[:, 0]
-            new = kl_new_t[kl_keep][qui][:, None]
-            rise = (kl_now[qui].gather(1, new) - kl_ref[qui].gather(1, new))[:, 0].clamp_min(0)
-            full = (kl_ref[ess].exp() * (kl_ref[ess] - kl_now[ess])).sum(-1)
-            kl_rows = kl_now.new_zeros(len(kl_ref)).index_put((ess,), full).index_put((qui,), rise)
-        else:
-            kl_rows = (kl_ref.exp() * (kl_ref - kl_now)).sum(-1)
+        # Essence rows: the full KL to the unedited distribution. Quiet rows: the rise of target_new's
+        # log-probability over the unedited model's, if any (each row gets only its own term).
+        quiet = kl_is_quiet[kl_keep]
+        ess, qui = (~quiet).nonzero()[:, 0], quiet.nonzero()[:, 0]
+        new = kl_new_t[kl_keep][qui][:, None]
+        rise = (kl_now[qui].gather(1, new) - kl_ref[qui].gather(1, new))[:, 0].clamp_min(0)
+        full = (kl_ref[ess].exp() * (kl_ref[ess] - kl_now[ess])).sum(-1)
+        kl_rows = kl_now.new_zeros(len(kl_ref)).index_put((ess,), full).index_put((qui,), rise)
         kl_rows = kl_rows * kl_weight_t[kl_keep]
         kl = torch.zeros(m, device=dev, dtype=kl_rows.dtype).index_add(0, kl_owner_t[kl_keep], kl_rows)[req_keep]
         decay = options.weight_decay * (delta[req_keep].norm(dim=-1) / v_norm_sq[req_keep]).sum(-1)

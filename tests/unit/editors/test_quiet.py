@@ -53,6 +53,11 @@ def test_every_weight_editor_takes_the_same_quiet_settings(config):
         config(quiet_prompts=0)
     with pytest.raises(ConfigError, match="quiet_prompts"):
         config(quiet_prompts=len(OTHER_SUBJECTS) + 1)
+    # the early stop the looser quiet setting uses (`--set v_early_stop=0.2`) reaches v*'s options
+    assert config().value_options().early_stop_loss == 0.05
+    assert config(v_early_stop=0.2).value_options().early_stop_loss == 0.2
+    with pytest.raises(ConfigError, match="v_early_stop"):
+        config(v_early_stop=-0.1)
 
 
 def _rise(lm, layer: int, request, result, n: int) -> float:
