@@ -4,9 +4,10 @@ Each fact is edited alone (the 5 starter facts of the other sweeps), the edit ap
 scored with the evaluation harness's `measure`, and the edit undone. A probe counts when its target is more
 likely than its foil: efficacy and paraphrase (target_new over target_true), neighbour kept (the neighbour's
 true answer over target_new). The side memory a request trains does not depend on the router's threshold, so
-each (layer, lr) edit is trained once and measured at every act ratio (its threshold set to ratio × its least
-subject activation, as `WiseEditor` sets it). Then the 5 edits are applied together (one merged side memory) and
-every record measured again ("all_applied", at the config's act ratio).
+each (layer, lr) edit is trained once and measured at every act ratio (its threshold is ratio × its least
+subject activation). Then the 5 edits are applied together (each its own side memory, as they were made apart) and
+every record measured again ("all_applied", at the config's act ratio); and the 5 facts are edited one after
+another, each edit applied before the next is made, so that they share one side memory ("in_sequence").
 
 Usage: OMP_NUM_THREADS=1 .venv/bin/python benchmarks/sweep_wise.py --model gemma3-270m [--layers 9,13,15]
        [--lrs 5e-4,1e-3] [--ratios 0.88,0.95] [--steps 70] [--set alpha=0.1 ...] [--cases capital-0,...]
@@ -67,26 +68,33 @@ def main() -> None:
                 steps.append(edit.info["steps"])
                 losses.append(round(edit.info["final_loss"], 3))
                 separated.append(edit.info["separated"])
-                least = min(edit.info["subject_acts"])
                 for ratio in ratios:
-                    edit.threshold = torch.tensor([ratio * least], device=edit.threshold.device)
+                    edit.act_ratio = ratio
                     with edit.applied(lm):
                         add_counts(totals[ratio], starter_counts(lm, [record]))
-                edit.threshold = torch.tensor([config.act_ratio * least], device=edit.threshold.device)
+                edit.act_ratio = config.act_ratio
                 edits.append(edit)
-            # Every fact's edit applied at once: one merged side memory, the least threshold.
+            # Every fact's edit applied at once: each its own memory (they were made apart).
             for edit in edits:
                 edit.apply(lm)
             together = {k: f"{a}/{b}" for k, (a, b) in starter_counts(lm, records).items()}
             for edit in reversed(edits):
                 edit.undo()
-            print({"layer": layer, "lr": lr, "act_ratio": config.act_ratio, "all_applied": together},
-                  file=sys.stderr, flush=True)
+            # The facts edited one after another, each applied before the next is made: one memory of 5 edits.
+            chain = []
+            for record in records:
+                chain.append(WiseEditor(config).edit(lm, list(record.requests)).apply(lm))
+            in_sequence = {k: f"{a}/{b}" for k, (a, b) in starter_counts(lm, records).items()}
+            memories = len({(e.memory, e.mask_seed) for e in chain})
+            for edit in reversed(chain):
+                edit.undo()
+            print({"layer": layer, "lr": lr, "act_ratio": config.act_ratio, "all_applied": together,
+                   "in_sequence": in_sequence, "memories_in_sequence": memories}, file=sys.stderr, flush=True)
             for ratio in ratios:
                 row = {"layer": layer, "lr": lr, "act_ratio": ratio,
                        **{k: f"{a}/{b}" for k, (a, b) in totals[ratio].items()},
                        "steps": steps, "final_loss": losses, "separated": separated,
-                       **({"all_applied": together} if ratio == config.act_ratio else {}),
+                       **({"all_applied": together, "in_sequence": in_sequence} if ratio == config.act_ratio else {}),
                        "edit_seconds_mean": round(seconds / len(records), 2)}
                 print(row, file=sys.stderr, flush=True)
                 result["settings"].append(row)

@@ -61,12 +61,13 @@ def read_metadata(path: Path, label: str | None = None) -> dict[str, str]:
         raise EditFileError(f"{where} is not a safetensors edit file, or it is truncated ({_reason(exc)})") from None
 
 
-def read_tensors(path: Path, label: str | None = None) -> dict[str, torch.Tensor]:
-    """Every tensor of the file at `path`, each checked to be float and finite.
+def read_tensors(path: Path, label: str | None = None, byte_tensors: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """Every tensor of the file at `path`, each checked to be float and finite (those named in `byte_tensors`:
+    uint8, e.g. a packed bit mask).
 
     Raises:
         EditFileError: unreadable tensor data, a tensor that is not float (float16/bfloat16/float32/float64)
-            or holds NaN/inf.
+            or holds NaN/inf, or a byte tensor that is not uint8.
     """
     from safetensors.torch import load_file
 
@@ -76,6 +77,10 @@ def read_tensors(path: Path, label: str | None = None) -> dict[str, torch.Tensor
     except Exception as exc:  # noqa: BLE001  (as in read_metadata)
         raise EditFileError(f"{where}: the tensor data cannot be read ({_reason(exc)})") from None
     for name, tensor in tensors.items():
+        if name in byte_tensors:
+            if tensor.dtype != torch.uint8:
+                raise EditFileError(f"{where}: tensor {name!r} has dtype {tensor.dtype}; it is packed bits (uint8)")
+            continue
         if tensor.dtype not in FLOAT_DTYPES:
             raise EditFileError(f"{where}: tensor {name!r} has dtype {tensor.dtype}; an edit's tensors are floating "
                                 f"point ({', '.join(str(d).removeprefix('torch.') for d in FLOAT_DTYPES)})")

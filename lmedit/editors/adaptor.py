@@ -1,13 +1,14 @@
 """The adaptor edit kind: a persistent hook that rewrites one layer's output for the inputs it recognises.
 
 An `AdaptorEdit` (kind "adaptor") is data (tensors, e.g. GRACE's codebook of keys, values and radii, or WISE's
-side-memory delta and router threshold) plus one rule, its type's `respond`. While applied, it is served by one
+side-memory increments) plus one rule, its type's `respond`. While applied, it is served by one
 forward hook at its `site` (`lmedit.hooks.attach`), shared by every applied edit of the same adaptor type at that
 site: the first one applied attaches the hook, the last one undone removes it. At every forward the hook hands
 the module's input and output to `respond(state, inputs, output)`, where `state = prepare(edits)` is built from
-all those applied edits (oldest first) and rebuilt only when that set changes. So edits of one type at one site
-interact through `prepare` alone (GRACE: conflicting codebook entries split their radii; WISE: the deltas are
-Ties-merged into one side memory) and never modify each other: undoing one restores the others exactly.
+all those applied edits (oldest first) and rebuilt only when that set changes (from the previous state, when an
+edit was appended). So edits of one type at one site interact through `prepare` alone (GRACE: conflicting
+codebook entries split their radii; WISE: edits of one side memory sum into it and set its router's threshold)
+and never modify each other: undoing one restores the others exactly.
 
 Why a kind of its own. A `WrapperEdit` decides per *prompt text* what the frozen model reads, and only
 text-level scorers ask it (`lm.edits.route`); an adaptor decides per *position of every forward* from the
@@ -62,6 +63,7 @@ class AdaptorEdit(Edit):
 
     kind: ClassVar[str] = "adaptor"
     adaptor: ClassVar[str] = ""
+    byte_tensors: ClassVar[tuple[str, ...]] = ()  # tensors of `tensors()` saved as uint8 (packed bits), not float
     _types: ClassVar[dict[str, type[AdaptorEdit]]] = {}
 
     def __init_subclass__(cls, adaptor: str = "", **kwargs: Any) -> None:
@@ -99,8 +101,12 @@ class AdaptorEdit(Edit):
 
     @classmethod
     @abstractmethod
-    def prepare(cls, edits: Sequence[AdaptorEdit]) -> Any:
-        """What the hook needs to serve `edits` (every applied edit of this type at one site, oldest first)."""
+    def prepare(cls, edits: Sequence[AdaptorEdit], previous: tuple[Sequence[AdaptorEdit], Any] | None = None) -> Any:
+        """What the hook needs to serve `edits` (every applied edit of this type at one site, oldest first).
+
+        `previous` is (the edits of the state prepared before, that state): a type may extend it when those edits
+        are a prefix of `edits` (an edit appended, as in sequential editing) instead of starting over, as long as
+        the result is the same."""
 
     @classmethod
     @abstractmethod
@@ -201,7 +207,7 @@ class AdaptorEdit(Edit):
         except ValueError as exc:
             raise EditFileError(f"{where}: metadata 'site' {raw_site!r} is not a site ({exc})") from None
         adaptor_meta = json_field(meta, "adaptor_meta", dict, where)
-        tensors = read_tensors(path, label)
+        tensors = read_tensors(path, label, adaptor_type.byte_tensors)
         check_tensor_names(tensors, where)
         common.update(site=site, base_fingerprint=meta["base_fingerprint"], method=meta["method"])
         try:
@@ -226,7 +232,7 @@ def _server(stack: AppliedEdits, cls: type[AdaptorEdit], site: Site) -> AdaptorF
         if not edits:
             return None
         if len(edits) != len(built[0]) or any(a is not b for a, b in zip(edits, built[0])):
-            built[:] = [edits, cls.prepare(edits)]
+            built[:] = [edits, cls.prepare(edits, (built[0], built[1]) if built[0] else None)]
         return cls.respond(built[1], inputs, output)
 
     return serve

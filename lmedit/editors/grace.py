@@ -163,7 +163,8 @@ class GraceEdit(AdaptorEdit, adaptor="grace"):
         self.keys, self.values, self.radii = (t.to(lm.device) for t in (self.keys, self.values, self.radii))
 
     @classmethod
-    def prepare(cls, edits: Sequence[AdaptorEdit]) -> Codebook:
+    def prepare(cls, edits: Sequence[AdaptorEdit], previous: tuple[Sequence[AdaptorEdit], Any] | None = None
+                ) -> Codebook:
         newest = [e for e in reversed(edits) if isinstance(e, GraceEdit)]
         keys = torch.cat([e.keys.flip(0) for e in newest]).float()
         values = torch.cat([e.values.flip(0) for e in newest])

@@ -34,3 +34,32 @@ def test_a_starter_fact_flips_a_neighbour_is_untouched_and_undo_is_exact(method,
     assert kept_after == kept, f"{method}: the neighbour prompt's scores changed"
     assert all(torch.equal(snapshot[k], v) for k, v in gemma.model.state_dict().items())
     assert scores() == (margin, kept), "undo is not exact"
+
+
+def test_wise_edits_made_in_sequence_share_a_memory_and_undo_in_any_order(gemma):
+    """Two starter facts edited one after another with gemma3-270m's shipped WISE settings: the second is trained
+    into the first's side memory; both flip with both applied; undoing the first leaves the second's increment
+    alone, which still flips its fact; undoing both restores the model bit for bit."""
+    editor = get_editor("wise", CONFIG_ROOT / "wise" / "gemma3-270m.yaml")
+    first_request, = starter_requests("capital-0")
+    second_request, = starter_requests("landmark_city-0")
+    requests = [first_request, second_request]
+    unedited = torch.tensor(_margins(gemma, requests))
+    assert bool((unedited < 0).all()), f"the unedited model should prefer the true targets: {unedited}"
+    first = editor.edit(gemma, [first_request]).apply(gemma)
+    second = editor.edit(gemma, [second_request]).apply(gemma)
+    assert second.memory == first.memory and not second.founder and second.info["memory_edits_before"] == 1
+    both = _margins(gemma, requests)
+    assert min(both) > 0, f"with both applied: {both}"
+    first.undo()
+    assert _margins(gemma, [second_request])[0] > 0
+    second.undo()
+    assert not gemma.edits and torch.equal(torch.tensor(_margins(gemma, requests)), unedited)
+
+
+def _margins(lm, requests):
+    """log P(target_new) − log P(target_true) on each request's prompt."""
+    texts = [r.text for r in requests for _ in range(2)]
+    targets = [t for r in requests for t in (r.target_new, r.target_true)]
+    scores = score_targets(lm, texts, targets)
+    return [scores[2 * i].logprob - scores[2 * i + 1].logprob for i in range(len(requests))]
