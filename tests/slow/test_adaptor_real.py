@@ -36,25 +36,28 @@ def test_a_starter_fact_flips_a_neighbour_is_untouched_and_undo_is_exact(method,
     assert scores() == (margin, kept), "undo is not exact"
 
 
-def test_wise_edits_made_in_sequence_share_a_memory_and_undo_in_any_order(gemma):
+def test_wise_edits_made_in_sequence_share_a_memory_and_undo_restores_each_earlier_state(gemma):
     """Two starter facts edited one after another with gemma3-270m's shipped WISE settings: the second is trained
-    into the first's side memory; both flip with both applied; undoing the first leaves the second's increment
-    alone, which still flips its fact; undoing both restores the model bit for bit."""
+    into the first's side memory; both flip with both applied; undoing the second gives back exactly the first
+    alone, and undoing both restores the model bit for bit. (Undone in the other order, the second's increment is
+    left without the first's, on top of which it was trained: see docs/editors.md, "WISE".)"""
     editor = get_editor("wise", CONFIG_ROOT / "wise" / "gemma3-270m.yaml")
     first_request, = starter_requests("capital-0")
     second_request, = starter_requests("landmark_city-0")
     requests = [first_request, second_request]
-    unedited = torch.tensor(_margins(gemma, requests))
-    assert bool((unedited < 0).all()), f"the unedited model should prefer the true targets: {unedited}"
+    unedited = _margins(gemma, requests)
+    assert max(unedited) < 0, f"the unedited model should prefer the true targets: {unedited}"
     first = editor.edit(gemma, [first_request]).apply(gemma)
+    first_only = _margins(gemma, requests)
+    assert first_only[0] > 0, f"the first edit alone: {first_only}"
     second = editor.edit(gemma, [second_request]).apply(gemma)
     assert second.memory == first.memory and not second.founder and second.info["memory_edits_before"] == 1
     both = _margins(gemma, requests)
     assert min(both) > 0, f"with both applied: {both}"
-    first.undo()
-    assert _margins(gemma, [second_request])[0] > 0
     second.undo()
-    assert not gemma.edits and torch.equal(torch.tensor(_margins(gemma, requests)), unedited)
+    assert _margins(gemma, requests) == first_only
+    first.undo()
+    assert not gemma.edits and _margins(gemma, requests) == unedited
 
 
 def _margins(lm, requests):
