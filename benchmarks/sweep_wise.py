@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import lmedit  # noqa: E402
 from lmedit.config import from_dict  # noqa: E402
 from lmedit.editors.wise import WiseConfig, WiseEditor  # noqa: E402
+from lmedit.editors.wise_memory import build_memories  # noqa: E402
 from lmedit.eval.datasets import load_dataset  # noqa: E402
 
 CASES = STARTER_CASES
@@ -85,7 +86,7 @@ def main() -> None:
             for record in records:
                 chain.append(WiseEditor(config).edit(lm, list(record.requests)).apply(lm))
             in_sequence = {k: f"{a}/{b}" for k, (a, b) in starter_counts(lm, records).items()}
-            memories = len({(e.memory, e.mask_seed) for e in chain})
+            memories = len(build_memories(chain).memories)
             for edit in reversed(chain):
                 edit.undo()
             print({"layer": layer, "lr": lr, "act_ratio": config.act_ratio, "all_applied": together,

@@ -132,7 +132,7 @@ class AdaptorEdit(Edit):
 
     def peers(self, lm: LM) -> list[AdaptorEdit]:
         """The applied edits on `lm` of this adaptor type at this site, oldest first (with this one, when applied)."""
-        return _served(lm.edits, self.adaptor, self.site)
+        return served(lm.edits, self.adaptor, self.site)
 
     def apply(self, lm: LM, *, check_fingerprint: bool = True) -> AdaptorEdit:
         """Put the edit on `lm`: the first edit of its type at its site attaches the hook that serves them all.
@@ -219,7 +219,8 @@ class AdaptorEdit(Edit):
                                 f"({type(exc).__name__}: {exc})") from None
 
 
-def _served(stack: AppliedEdits, adaptor: str, site: Site) -> list[AdaptorEdit]:
+def served(stack: AppliedEdits, adaptor: str, site: Site) -> list[AdaptorEdit]:
+    """The applied edits of adaptor type `adaptor` at `site` in `stack`, oldest first (the ones one hook serves)."""
     return [e for e in stack.of_kind("adaptor") if isinstance(e, AdaptorEdit) and e.adaptor == adaptor and e.site == site]
 
 
@@ -228,7 +229,7 @@ def _server(stack: AppliedEdits, cls: type[AdaptorEdit], site: Site) -> AdaptorF
     built: list[Any] = [(), None]  # the edits the state was prepared for, and the state
 
     def serve(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
-        edits = tuple(_served(stack, cls.adaptor, site))
+        edits = tuple(served(stack, cls.adaptor, site))
         if not edits:
             return None
         if len(edits) != len(built[0]) or any(a is not b for a, b in zip(edits, built[0])):

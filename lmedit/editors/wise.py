@@ -69,10 +69,11 @@ import torch
 from torch import nn
 
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors.adaptor import LayerAtDepth
+from lmedit.editors.adaptor import LayerAtDepth, served
 from lmedit.editors.base import Editor, EditorConfig, check_requests
 from lmedit.editors.steps.finetune import TargetBatch, target_batch, train_on_targets, trainable_copies
-from lmedit.editors.wise_memory import WiseEdit, edit_mask, mask_seed, memory_id, newest_memory, ties_merge
+from lmedit.editors.wise_memory import WiseEdit, build_memories, delta_act, edit_mask, mask_seed, memory_id, newest_memory, \
+    ties_merge
 from lmedit.errors import ConfigError, EditFailedError
 from lmedit.hooks import capture, patch, start_at
 from lmedit.registry import editors
@@ -196,9 +197,9 @@ class WiseEditor(LayerAtDepth, Editor[WiseConfig]):
         memory = increment if base.delta is None else base.delta + increment
         every_key = subject_keys if base.member_keys is None else torch.cat([base.member_keys, subject_keys])
         with torch.no_grad():
-            subject_acts = (subject_keys @ memory.T).norm(dim=-1)  # (n,)
-            irrelevant_acts = (irrelevant @ memory.T).norm(dim=-1)  # (N,)
-            threshold = config.act_ratio * float((every_key @ memory.T).norm(dim=-1).min())
+            subject_acts = delta_act(subject_keys, memory)  # (n,)
+            irrelevant_acts = delta_act(irrelevant, memory)  # (N,)
+            threshold = config.act_ratio * float(delta_act(every_key, memory).min())
         if not threshold > 0 or not bool(torch.isfinite(increment).all()) or not bool((increment != 0).any()):
             raise EditFailedError(f"WISE trained a side memory that does not fire on its own edit (threshold "
                                   f"{threshold}); raise lr or steps; the model is unchanged")
@@ -220,13 +221,10 @@ class WiseEditor(LayerAtDepth, Editor[WiseConfig]):
     def _base(self, lm: LM, layer: int, requests: Sequence[EditRequest]) -> _Base:
         """The memory to train into: the newest applied WISE edit's at this layer while it holds fewer than
         `memory_size` applied edits, else a new one."""
-        peers = [e for e in lm.edits.of_kind("adaptor") if isinstance(e, WiseEdit) and e.site == Site("mlp.out", layer)]
-        members = newest_memory(peers)
+        members = newest_memory(served(lm.edits, WiseEdit.adaptor, Site("mlp.out", layer)))
         if members and len(members) < self.config.memory_size:
-            delta = members[0].delta.clone()
-            for m in members[1:]:
-                delta += m.delta
-            return _Base(members[0].memory, members[0].mask_seed, delta,
+            (memory,) = build_memories(members).memories
+            return _Base(members[0].memory, members[0].mask_seed, memory.delta,
                          torch.cat([m.subject_keys for m in members]).to(lm.device),
                          torch.cat([m.quiet_keys for m in members]).to(lm.device), len(members))
         seed = mask_seed(self.config.seed, requests)
@@ -266,8 +264,8 @@ class WiseEditor(LayerAtDepth, Editor[WiseConfig]):
 
         def margin() -> torch.Tensor:
             delta = start + weight * mask
-            edit_acts = (wanted @ delta.T).norm(dim=-1)  # (k + n,) this edit's and the memory's earlier edits'
-            other_acts = (irrelevant @ delta.T).norm(dim=-1)  # (N,)
+            edit_acts = delta_act(wanted, delta)  # (k + n,) this edit's and the memory's earlier edits'
+            other_acts = delta_act(irrelevant, delta)  # (N,)
             a, b, g = config.alpha * scale, config.beta * scale, config.gamma * scale
             loss = (_violation(other_acts - a) + _violation(b - edit_acts)
                     + _violation(g - (edit_acts[:, None] - other_acts[None, :])))

@@ -117,9 +117,26 @@ class SideMemories:
     memories: tuple[Memory, ...]
 
 
+def delta_act(keys: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """The activation indicator Δ_act = ‖a · ΔWᵀ‖ of layer inputs `keys` (…, d_in) under `delta` -> (…)."""
+    return (keys.to(delta.device) @ delta.T).norm(dim=-1)
+
+
 def memory_threshold(delta: torch.Tensor, members: Sequence[WiseEdit]) -> float:
     """ε of a memory with ΔW `delta`: min over `members` of act_ratio × the least Δ_act at their subject keys."""
-    return min(m.act_ratio * float((m.subject_keys.to(delta.device) @ delta.T).norm(dim=-1).min()) for m in members)
+    return min(m.act_ratio * float(delta_act(m.subject_keys, delta).min()) for m in members)
+
+
+def _memory_keys(edits: Sequence[WiseEdit], newest: dict[str, int]) -> list[tuple[str, int]]:
+    """The (id, instance) of the memory each of `edits` belongs to: a founder starts a new instance of its id, any
+    other edit joins the newest instance (or starts one when none is applied). `newest` (id -> its newest instance
+    so far) is updated."""
+    keys = []
+    for e in edits:
+        if e.founder or e.memory not in newest:
+            newest[e.memory] = newest.get(e.memory, -1) + 1
+        keys.append((e.memory, newest[e.memory]))
+    return keys
 
 
 def build_memories(edits: Sequence[WiseEdit], previous: SideMemories | None = None,
@@ -140,10 +157,8 @@ def build_memories(edits: Sequence[WiseEdit], previous: SideMemories | None = No
     for memory_id, instance in groups:
         newest[memory_id] = max(instance, newest.get(memory_id, -1))
     touched: set[tuple[str, int]] = set()
-    for e in edits[len(previous_edits) if prefix else 0:]:
-        if e.founder or e.memory not in newest:
-            newest[e.memory] = newest.get(e.memory, -1) + 1
-        key = (e.memory, newest[e.memory])
+    added = edits[len(previous_edits) if prefix else 0:]
+    for e, key in zip(added, _memory_keys(added, newest)):
         group = groups.setdefault(key, [None, [], 0.0])
         delta = e.delta.float()
         group[0] = delta.clone() if group[0] is None else group[0] + delta
@@ -159,15 +174,8 @@ def build_memories(edits: Sequence[WiseEdit], previous: SideMemories | None = No
 
 def newest_memory(edits: Sequence[WiseEdit]) -> list[WiseEdit]:
     """The edits of the memory the newest of `edits` belongs to (as `build_memories` groups them), oldest first."""
-    groups: dict[tuple[str, int], list[WiseEdit]] = {}
-    newest: dict[str, int] = {}
-    key: tuple[str, int] | None = None
-    for e in edits:
-        if e.founder or e.memory not in newest:
-            newest[e.memory] = newest.get(e.memory, -1) + 1
-        key = (e.memory, newest[e.memory])
-        groups.setdefault(key, []).append(e)
-    return groups[key] if key is not None else []
+    keys = _memory_keys(edits, {})
+    return [e for e, key in zip(edits, keys) if key == keys[-1]] if keys else []
 
 
 def side_output(state: SideMemories, inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
@@ -184,7 +192,7 @@ def side_output(state: SideMemories, inputs: torch.Tensor, output: torch.Tensor)
             continue
         side = inputs.float() @ memory.delta.to(inputs.device).T  # (batch, pos, d_out); gradients flow via `inputs`
         with torch.no_grad():
-            fired = side.detach().norm(dim=-1) > memory.threshold  # (batch, pos)
+            fired = side.detach().norm(dim=-1) > memory.threshold  # (batch, pos): Δ_act from the same product
             if not bool(fired.any()):
                 continue
             routed = fired.to(torch.int8).cummax(dim=-1).values.bool()  # from a row's first firing position on
@@ -243,7 +251,7 @@ class WiseEdit(AdaptorEdit, adaptor="wise"):
 
     def activations(self, keys: torch.Tensor) -> torch.Tensor:
         """Δ_act = ‖a·ΔWᵀ‖ of this edit's increment alone for layer inputs `keys` (…, d_mlp) -> (…)."""
-        return (keys.float().to(self.values.device) @ self.delta.T).norm(dim=-1)
+        return delta_act(keys.float(), self.delta)
 
     def check(self, lm: LM) -> None:
         """Refuse a model the side memory does not fit (layer, shape, NaN/inf); move it to its device."""
