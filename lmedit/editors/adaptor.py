@@ -229,6 +229,8 @@ def _server(stack: AppliedEdits, cls: type[AdaptorEdit], site: Site) -> AdaptorF
     built: list[Any] = [(), None]  # the edits the state was prepared for, and the state
 
     def serve(inputs: torch.Tensor, output: torch.Tensor) -> torch.Tensor | None:
+        if stack.is_muted(site):
+            return None
         edits = tuple(served(stack, cls.adaptor, site))
         if not edits:
             return None

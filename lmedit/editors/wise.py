@@ -34,8 +34,9 @@ a side memory is W_v + ΔW, and each edit holds the increment its training added
   by s; mean⁺ averages over the violating terms only, as the paper's code does. An edit keeps its x_e and its own x_i (template and prompt tokens: `subject_keys`, `quiet_keys`), and the
   next edits of its memory train on them too: the memory keeps firing on its earlier edits and stays quiet where
   they were taught to. That replays their inputs at no forward's cost (the paper's replay, Appendix B.3, runs them).
-  Each step runs only the blocks from `layer` on (`hooks.start_at`); the margin terms need no forward at all (the
-  layer's inputs do not depend on ΔW).
+  Each step runs only the blocks from `layer` on (`hooks.start_at`), with the layer's output as the applied memories
+  served it taken from one forward before the steps (`lm.edits.muted`: their cost is paid once per edit, not per
+  step); the margin terms need no forward at all (the layer's inputs do not depend on ΔW).
 - Threshold ε of a memory = min over its applied edits of `act_ratio` × their least subject Δ_act (the paper's code:
   the least editing activation × 0.88), recomputed from the memory as it is; `info["separated"]` says whether
   every irrelevant activation the edit trained on stays below it.
@@ -239,13 +240,16 @@ class WiseEditor(LayerAtDepth, Editor[WiseConfig]):
         n = batch.n_seqs
         rows = torch.arange(n, device=lm.device)
         last = torch.tensor(subject_last, device=lm.device)  # (n,) each row's last subject token
-        # One forward up to the layer: its inputs (fixed while the memory trains) and the residual stream entering
-        # it, from which every training step starts (`start_at`). The main memory's output is the module's own
-        # forward without hooks (an applied memory's hook would add to it).
+        # One forward through the layer: its inputs (fixed while the memory trains), its output as the applied
+        # memories serve it (fixed too: rows that do not read the memory being trained keep it), and the residual
+        # stream entering it, from which every training step starts (`start_at`). The main memory's output is the
+        # module's own forward without hooks. The steps then mute the applied memories' hook (`muted`), whose
+        # cost grows with the memories, and reuse `served`: the same output at no cost per step.
         resid_site = Site("resid_out", layer - 1) if layer > 0 else None
-        sites = [key_site] + ([resid_site] if resid_site else [])
-        with torch.no_grad(), capture(lm, sites, stop_after=key_site) as acts:
+        sites = [key_site, out_site] + ([resid_site] if resid_site else [])
+        with torch.no_grad(), capture(lm, sites, stop_after=out_site) as acts:
             lm.model(**batch.batch.model_inputs(), use_cache=False)
+        served_out = acts[out_site]
         with torch.no_grad():
             main = lm.arch.block_module(lm.model, layer, "mlp_out").forward(acts[key_site]).float()  # (n, pos, d_out)
         keys = acts[key_site].float()  # (n, pos, d_mlp)
@@ -273,14 +277,14 @@ class WiseEditor(LayerAtDepth, Editor[WiseConfig]):
 
         def read_side(activation: torch.Tensor, site: Site) -> torch.Tensor:
             side = keys @ (start + weight * mask).T  # (n, pos, d_out)
-            return torch.where(reads[..., None], (main + side).to(activation.dtype), activation)
+            return torch.where(reads[..., None], (main + side).to(activation.dtype), served_out.to(activation.dtype))
 
         def clamp(values: list[torch.Tensor]) -> None:
             values[0].clamp_(-config.norm_constraint, config.norm_constraint)
 
         objective = _Objective(**{f.name: getattr(batch, f.name) for f in fields(TargetBatch)}, margin=margin)
         skip = start_at(lm, layer, acts[resid_site]) if resid_site else nullcontext()
-        with trainable_copies(lm, []), skip, patch(lm, {out_site: read_side}):
+        with trainable_copies(lm, []), skip, lm.edits.muted(out_site), patch(lm, {out_site: read_side}):
             trained = train_on_targets(lm, [weight], objective, steps=config.steps, lr=config.lr,
                                        early_stop_loss=config.early_stop_loss, label="WISE side memory",
                                        after_step=clamp if config.norm_constraint > 0 else None, progress=self.progress)

@@ -8,6 +8,8 @@ Every edit kind registers here when applied and leaves when undone (`Edit.apply`
     lm.edits.after(edit)           # edits applied later (undo refuses while one of them changes the same weights)
     with lm.edits.suspended():     # the unedited model for the block; everything re-applied after, in order
         ...
+    with lm.edits.muted(site):     # the adaptor edits at `site` serve nothing for the block (their caller does)
+        ...
     lm.edits.ledger, lm.edits.labelled()   # which ledger rebuilt the model, and its edits with their ledger ids
 
 One stack per model object (not per `LM` bundle), so two bundles wrapping the same transformers model see the
@@ -31,6 +33,7 @@ from lmedit.errors import LMEditError
 if TYPE_CHECKING:
     from lmedit.editors.base import Edit
     from lmedit.models.load import LM
+    from lmedit.types import Site
 
 
 @dataclass
@@ -47,6 +50,7 @@ class AppliedEdits:
         # The ledger directory that last rebuilt this model from its base (None: no ledger has); the edits it
         # applied carry their ledger ids as labels.
         self.ledger: str | None = None
+        self._muted: dict[Site, int] = {}  # site -> how many `muted` blocks hold it
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -134,6 +138,25 @@ class AppliedEdits:
                 edit.apply(lm)
                 if labels.get(id(edit)) is not None:
                     self.label(edit, labels[id(edit)])  # type: ignore[arg-type]
+
+    def is_muted(self, site: Site) -> bool:
+        """Whether a `muted` block holds `site` now (the adaptor hook there must then keep the module's output)."""
+        return self._muted.get(site, 0) > 0
+
+    @contextmanager
+    def muted(self, site: Site) -> Iterator[None]:
+        """The adaptor edits at `site` serve nothing for the block: their hook keeps the module's output as it is.
+
+        For a caller that supplies the site's whole output itself, with the applied edits' contribution already
+        in it (WISE's training computes it once, not at every step). Nothing is undone or re-applied; blocks nest.
+        """
+        self._muted[site] = self._muted.get(site, 0) + 1
+        try:
+            yield
+        finally:
+            self._muted[site] -= 1
+            if not self._muted[site]:
+                del self._muted[site]
 
     def _index(self, edit: Edit) -> int:
         for i, entry in enumerate(self._entries):

@@ -331,3 +331,33 @@ def test_a_saved_edit_holds_the_increment_sparse(tiny_llama, tmp_path):
     assert path.stat().st_size < 0.45 * dense + (len(edit.subject_keys) + len(edit.quiet_keys)) * edit.shape[1] * 4 + 8192
     loaded = load_edit(path)
     assert torch.equal(loaded.delta, edit.delta) and loaded.memory == edit.memory and loaded.mask_seed == edit.mask_seed
+
+
+def test_a_muted_site_serves_the_main_memory_and_training_mutes_the_applied_memories(tiny_llama, monkeypatch):
+    lm = tiny_llama
+    site = Site("mlp.out", 1)
+    base = _logits(lm, [REQUEST.text])[0]
+    first = _editor().edit(lm, [REQUEST]).apply(lm)
+    edited = _logits(lm, [REQUEST.text])[0]
+    assert not torch.equal(edited, base)
+    with lm.edits.muted(site):
+        with lm.edits.muted(site):  # blocks nest
+            assert lm.edits.is_muted(site)
+        assert torch.equal(_logits(lm, [REQUEST.text])[0], base)  # still muted: the outer block holds it
+    assert not lm.edits.is_muted(site) and list(lm.edits) == [first]
+    assert torch.equal(_logits(lm, [REQUEST.text])[0], edited)
+    with pytest.raises(RuntimeError, match="inside"), lm.edits.muted(site):
+        raise RuntimeError("inside")
+    assert not lm.edits.is_muted(site)
+
+    # Training on top of the applied memory serves it once (the forward that fixes the layer's output), not at
+    # every step: the applied memories' cost is paid once per edit.
+    import lmedit.editors.wise_memory as wise_memory
+
+    calls = []
+    real = wise_memory.side_output
+    monkeypatch.setattr(wise_memory, "side_output", lambda *a: calls.append(1) or real(*a))
+    second = _editor().edit(lm, [OTHER])
+    assert second.memory == first.memory and second.info["steps"] > 1
+    assert len(calls) == 1
+    first.undo()
