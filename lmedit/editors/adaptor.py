@@ -81,7 +81,9 @@ class AdaptorEdit(Edit):
         self.config: dict[str, Any] = dict(config or {})
         self.info: dict[str, Any] = dict(info or {})
         self._lm: LM | None = None
-        self._hook: RemovableHandle | None = None  # held by the oldest applied edit of this type at this site
+        # The hook and its function (which holds the prepared state), held by the oldest applied edit of this type
+        # at this site.
+        self._hook: tuple[RemovableHandle, AdaptorFn] | None = None
 
     @property
     def requests(self) -> tuple[EditRequest, ...]:
@@ -148,7 +150,9 @@ class AdaptorEdit(Edit):
         self._lm = lm
         if first:
             try:
-                self._hook = attach(lm, self.site, _server(lm.edits, type(self), self.site))
+                # Inside `lm.edits.suspended` the function parked by the undo reattaches with its prepared state.
+                serve = lm.edits.parked.pop((self.adaptor, self.site), None) or _server(lm.edits, type(self), self.site)
+                self._hook = (attach(lm, self.site, serve), serve)
             except BaseException:
                 lm.edits.remove(self)
                 self._lm = None
@@ -167,7 +171,9 @@ class AdaptorEdit(Edit):
             if heirs:
                 heirs[0]._hook = hook
             else:
-                hook.remove()
+                hook[0].remove()
+                if lm.edits.suspending:  # re-applied at the block's end: keep the state it has prepared
+                    lm.edits.parked[(self.adaptor, self.site)] = hook[1]
 
     def save(self, path: str | Path) -> Path:
         """Write tensors and metadata to one safetensors file, atomically.

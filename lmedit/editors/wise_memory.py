@@ -236,6 +236,10 @@ class WiseEdit(AdaptorEdit, adaptor="wise"):
         self.values = delta[self.support].float()
         self.subject_keys, self.quiet_keys = subject_keys.float(), quiet_keys.float()
         self.memory, self.act_ratio, self.mask_seed, self.founder = memory, float(act_ratio), int(mask_seed), founder
+        # The increment and keys never change once made: `threshold` and `check`'s tests of them run once, not at
+        # every apply (an evaluation suspends and re-applies hundreds of edits per chunk of records).
+        self._threshold: float | None = None
+        self._sound = False
 
     @property
     def delta(self) -> torch.Tensor:
@@ -247,7 +251,9 @@ class WiseEdit(AdaptorEdit, adaptor="wise"):
     @property
     def threshold(self) -> float:
         """ε of this edit alone (its memory's ε when it is the memory's only edit)."""
-        return memory_threshold(self.delta, [self])
+        if self._threshold is None:
+            self._threshold = memory_threshold(self.delta, [self])
+        return self._threshold
 
     def activations(self, keys: torch.Tensor) -> torch.Tensor:
         """Δ_act = ‖a·ΔWᵀ‖ of this edit's increment alone for layer inputs `keys` (…, d_mlp) -> (…)."""
@@ -260,10 +266,13 @@ class WiseEdit(AdaptorEdit, adaptor="wise"):
         if self.shape != shape:
             raise LMEditError(f"this WISE edit's side memory is {self.shape}; layer {layer} of {lm.name!r} has a "
                               f"{shape} down-projection")
-        if not all(bool(torch.isfinite(t).all()) for t in (self.values, self.subject_keys, self.quiet_keys)):
-            raise LMEditError("this WISE edit holds NaN or infinite values; the model is unchanged")
-        if not self.threshold > 0:
-            raise LMEditError("this WISE edit does not fire on its own subject (threshold 0); the model is unchanged")
+        if not self._sound:
+            if not all(bool(torch.isfinite(t).all()) for t in (self.values, self.subject_keys, self.quiet_keys)):
+                raise LMEditError("this WISE edit holds NaN or infinite values; the model is unchanged")
+            if not self.threshold > 0:
+                raise LMEditError("this WISE edit does not fire on its own subject (threshold 0); the model is "
+                                  "unchanged")
+            self._sound = True
         self.values, self.subject_keys = self.values.to(lm.device), self.subject_keys.to(lm.device)
         self.quiet_keys = self.quiet_keys.to(lm.device)
         self.support = self.support.to(lm.device)

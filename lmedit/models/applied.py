@@ -51,6 +51,10 @@ class AppliedEdits:
         # applied carry their ledger ids as labels.
         self.ledger: str | None = None
         self._muted: dict[Site, int] = {}  # site -> how many `muted` blocks hold it
+        self._suspending = 0  # how many `suspended` blocks are open
+        # Adaptor hooks' functions (with the state they prepared) kept from the undo to the re-apply of a
+        # `suspended` block, by (adaptor type, site); emptied when the outermost block ends.
+        self.parked: dict[tuple[str, Site], Any] = {}
 
     # ---- reading ---------------------------------------------------------------------------------------
 
@@ -129,15 +133,26 @@ class AppliedEdits:
         with their ledger labels, even when the block raises: the unedited model, briefly."""
         chosen = list(self) if edits is None else list(edits)
         labels = {id(e.edit): e.label for e in self._entries}
-        for edit in reversed(chosen):
-            edit.undo()
+        self._suspending += 1
         try:
-            yield
+            for edit in reversed(chosen):
+                edit.undo()
+            try:
+                yield
+            finally:
+                for edit in chosen:
+                    edit.apply(lm)
+                    if labels.get(id(edit)) is not None:
+                        self.label(edit, labels[id(edit)])  # type: ignore[arg-type]
         finally:
-            for edit in chosen:
-                edit.apply(lm)
-                if labels.get(id(edit)) is not None:
-                    self.label(edit, labels[id(edit)])  # type: ignore[arg-type]
+            self._suspending -= 1
+            if not self._suspending:
+                self.parked.clear()
+
+    @property
+    def suspending(self) -> bool:
+        """Whether a `suspended` block is open (its edits will be re-applied: an adaptor parks its hook's state)."""
+        return self._suspending > 0
 
     def is_muted(self, site: Site) -> bool:
         """Whether a `muted` block holds `site` now (the adaptor hook there must then keep the module's output)."""

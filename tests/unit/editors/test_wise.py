@@ -361,3 +361,43 @@ def test_a_muted_site_serves_the_main_memory_and_training_mutes_the_applied_memo
     assert second.memory == first.memory and second.info["steps"] > 1
     assert len(calls) == 1
     first.undo()
+
+
+def test_an_edit_is_checked_once_however_often_it_is_applied(tiny_llama, monkeypatch):
+    import lmedit.editors.wise_memory as wise_memory
+
+    lm = tiny_llama
+    edit = _editor().edit(lm, [REQUEST])
+    calls = []
+    real = wise_memory.memory_threshold
+    monkeypatch.setattr(wise_memory, "memory_threshold", lambda *a: calls.append(1) or real(*a))
+    for _ in range(3):  # no forward runs: the hook's state is never built, so only `check` could call it
+        edit.apply(lm)
+        edit.undo()
+    assert len(calls) == 1 and edit.threshold > 0 and not lm.edits
+
+
+def test_suspending_the_edits_keeps_the_hooks_prepared_state(tiny_llama, monkeypatch):
+    lm = tiny_llama
+    first = _editor().edit(lm, [REQUEST]).apply(lm)
+    second = _editor(memory_size=1).edit(lm, [OTHER]).apply(lm)
+    edited = _logits(lm, [REQUEST.text, OTHER.text])
+    built = []
+    real = WiseEdit.prepare.__func__
+    monkeypatch.setattr(WiseEdit, "prepare", classmethod(lambda cls, *a: built.append(1) or real(cls, *a)))
+    base = tiny_lm("llama")  # the same seed: the unedited model's logits
+    with lm.edits.suspended(lm=lm):
+        assert not lm.edits and _hooks(lm) == 0 and len(lm.edits.parked) == 1
+        assert all(torch.equal(a, b) for a, b in zip(_logits(lm, [REQUEST.text, OTHER.text]),
+                                                     _logits(base, [REQUEST.text, OTHER.text])))
+    assert list(lm.edits) == [first, second] and _hooks(lm) == 1 and not lm.edits.parked
+    assert all(torch.equal(a, b) for a, b in zip(_logits(lm, [REQUEST.text, OTHER.text]), edited))
+    assert not built  # the state prepared before the block served after it
+    with lm.edits.suspended([second], lm=lm):  # a part: the hook stays with the first, and re-prepares
+        assert list(lm.edits) == [first] and not lm.edits.parked
+        _logits(lm, [REQUEST.text])
+    after = _logits(lm, [REQUEST.text, OTHER.text])
+    assert len(built) == 2 and all(torch.equal(a, b) for a, b in zip(after, edited))
+    second.undo()
+    first.undo()
+    assert _hooks(lm) == 0 and not lm.edits.parked
