@@ -31,15 +31,14 @@ from _common import emit, median, peak_rss_mb  # noqa: E402
 import torch  # noqa: E402
 
 import lmedit  # noqa: E402
-from lmedit.editors.adaptor import DEPTH  # noqa: E402
-from lmedit.editors.wise import WiseConfig  # noqa: E402
+from lmedit.editors.wise import WiseConfig, WiseEditor  # noqa: E402
 from lmedit.editors.wise_memory import WiseEdit, edit_mask, memory_id  # noqa: E402
 from lmedit.types import Site  # noqa: E402
 
 
-def synthetic_edits(lm, n: int, memory_size: int, ratio: float) -> list[WiseEdit]:
-    config = WiseConfig()
-    layer = round(DEPTH * (lm.n_layers - 1)) if config.layer is None else config.layer  # as `layer: null`
+def synthetic_edits(lm, n: int, config: WiseConfig) -> list[WiseEdit]:
+    memory_size, ratio = config.memory_size, config.mask_ratio
+    layer = WiseEditor(config).layer_for(lm)  # the layer the editor would train at
     shape = tuple(lm.arch.weight(lm.model, layer, "mlp_out").shape)
     gen = torch.Generator().manual_seed(0)
     request = lmedit.EditRequest("{} is located in", "The Eiffel Tower", "Rome", "Paris")
@@ -63,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     lm = lmedit.load(args.model)
     config = WiseConfig()
-    edits = synthetic_edits(lm, args.edits, config.memory_size, config.mask_ratio)
+    edits = synthetic_edits(lm, args.edits, config)
     for edit in edits:
         edit.apply(lm)
     ids = lm.tokenizer("The Eiffel Tower is located in the city of", return_tensors="pt").input_ids.to(lm.device)
