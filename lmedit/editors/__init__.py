@@ -15,7 +15,8 @@ from lmedit.config import from_dict, load_config
 from lmedit.defaults import DEFAULT_METHOD  # the method used when none is named (named once there)
 from lmedit.editors import alphaedit, ft, grace, ike, kn, lora, memit, mend, noop, rome, serac, wise  # noqa: F401  (each registers itself under its module name; ft also as ft_l and ft_m)
 from lmedit.editors.adaptor import AdaptorEdit
-from lmedit.editors.base import Edit, EditMeta, Editor, EditorConfig, ParamDelta, WeightEdit, WrapperEdit, load_edit
+from lmedit.editors.base import Edit, EditMeta, Editor, EditorConfig, ParamDelta, WeightEdit, load_edit
+from lmedit.editors.wrapper import WrapperEdit
 from lmedit.errors import RequestError
 from lmedit.models.load import as_lm
 from lmedit.registry import editors

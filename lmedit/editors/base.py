@@ -5,10 +5,10 @@ an edit without touching the weights; `Edit.apply()` writes them only after ever
 so a failed edit leaves the model bit-identical. The harness, ledger, CLI and any front end handle
 edit *kinds* and never name a method.
 
-Kinds implemented here: `WeightEdit` (per-parameter deltas, low-rank factors kept when the method
-produces them) and `WrapperEdit` (changes what the model reads for some inputs, weights untouched). The third
-kind, `AdaptorEdit` (a persistent hook that rewrites one layer's output for some inputs: GRACE's codebook),
-lives in `lmedit.editors.adaptor`, which `load_edit` imports when it reads one.
+Kinds: `WeightEdit` here (per-parameter deltas, low-rank factors kept when the method produces them; what it
+keeps for its undo: `lmedit.editors.originals`); `WrapperEdit` in `lmedit.editors.wrapper` (changes what the
+model reads for some inputs, weights untouched); `AdaptorEdit` in `lmedit.editors.adaptor` (a persistent hook
+that rewrites one layer's output for some inputs: GRACE's codebook). `load_edit` imports them when it reads one.
 
 Which edits are applied is owned by the model bundle: `lm.edits` (`lmedit.models.applied.AppliedEdits`), which
 `apply` pushes to and `undo` removes from, for every kind. Every edit declares what it is in one typed record,
@@ -41,8 +41,9 @@ from safetensors.torch import save
 from lmedit.cache import atomic_write
 from lmedit.config import check_ranges
 from lmedit.editors._edit_files import (ADAPTOR_FORMAT, FORMAT_VERSION, WEIGHT_FORMAT, WRAPPER_FORMAT, check_metadata,
-                                        check_tensor_names, json_field, read_metadata, read_tensors, saved_requests,
+                                        json_field, read_metadata, read_tensors, saved_requests,
                                         weight_parts)
+from lmedit.editors.originals import Chained, add, depth, digest, keep, rebuild
 from lmedit.errors import EditFailedError, EditFileError, LMEditError, RequestError
 from lmedit.models.params import read as read_param
 from lmedit.models.params import write as write_params
@@ -237,6 +238,20 @@ class Edit(ABC):
     @abstractmethod
     def is_applied(self) -> bool: ...
 
+    def lift(self) -> dict[str, Any]:
+        """Take this edit off for an `lm.edits.suspended` block; returns what `settle` needs to put it back.
+
+        An edit that writes no weights is simply undone and returns nothing. A `WeightEdit` leaves the stack
+        without writing (the block writes each parameter's oldest original once, then writes back the values
+        it saved, instead of undoing and re-adding every delta in turn) and returns what it keeps of the old
+        values."""
+        self.undo()
+        return {}
+
+    def settle(self, lm: LM, originals: dict[str, Any]) -> None:
+        """Put a lifted edit back on `lm` (`originals` from `lift`); the weights already hold its values."""
+        self.apply(lm)
+
     @contextmanager
     def applied(self, lm: LM) -> Iterator[Edit]:
         """Apply for the duration of the block, undo afterwards (even on exceptions)."""
@@ -252,7 +267,8 @@ class Edit(ABC):
 
 @dataclass(eq=False)
 class WeightEdit(Edit):
-    """Deltas added to named parameters. Undo restores the saved original values, bit for bit.
+    """Deltas added to named parameters. Undo restores the original values, bit for bit (kept as a copy, or for
+    a run of edits of one parameter rebuilt from the edits below and checked by digest: `lmedit.editors.originals`).
 
     Precision: `apply` adds each delta to the parameter in float64 and rounds the sum once to the parameter's
     dtype. The deltas themselves are float32 (float64 maths, stored as float32), whatever the dtype of the
@@ -281,7 +297,10 @@ class WeightEdit(Edit):
     base_fingerprint: str = ""
     info: dict[str, Any] = field(default_factory=dict)
     keys: dict[str, torch.Tensor] = field(default_factory=dict)
-    _originals: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # While applied: per parameter, the value it replaced (a copy, or a `Chained` record: `lmedit.editors.originals`)
+    # and (digest, chain depth) of the value it wrote, which the next edit of the parameter checks.
+    _originals: dict[str, torch.Tensor | Chained] = field(default_factory=dict, repr=False)
+    _wrote: dict[str, tuple[bytes, int]] = field(default_factory=dict, repr=False)
     _lm: LM | None = field(default=None, repr=False)
 
     @property
@@ -305,16 +324,47 @@ class WeightEdit(Edit):
             if tuple(p.shape) != delta.shape:
                 raise LMEditError(f"edit for {name!r} has shape {delta.shape}, parameter has {tuple(p.shape)}")
             current = read_param(lm.model, name)  # where it lives (accelerate may have offloaded it)
-            new = (current.to(torch.float64) + delta.full(torch.float64, current.device)).to(p.dtype)
+            new = add(current, delta, p.dtype)
             if not torch.isfinite(new).all():
                 raise EditFailedError(f"edit would make {name!r} non-finite; the model is unchanged")
             new_values[name] = new
-        originals = {name: read_param(lm.model, name).clone() for name in new_values}
+        below = {name: e for e in lm.edits.of_kind("weight") for name in getattr(e, "deltas", {})}  # the newest
+        originals = {name: keep(read_param(lm.model, name), getattr(below.get(name), "_wrote", {}).get(name))
+                     for name in new_values}
+        wrote_now = {name: (digest(value), depth(originals[name])) for name, value in new_values.items()}
         write_params(lm.model, new_values)
-        self._originals.update(originals)
+        self._originals, self._wrote = originals, wrote_now
         self._lm = lm
         lm.edits.push(self)
         return self
+
+    def original(self, name: str) -> torch.Tensor:
+        """The value parameter `name` had before this applied edit, bit for bit (rebuilt from the applied edits
+        below when this edit kept no copy: `lmedit.editors.originals`).
+
+        Raises:
+            LMEditError: not applied, or the value does not rebuild exactly (an edit's deltas changed in place).
+        """
+        if self._lm is None:
+            raise LMEditError("this edit is not applied")
+        kept = self._originals[name]
+        if isinstance(kept, torch.Tensor):
+            return kept
+        chain: list[WeightEdit] = []  # the edits below on this parameter, newest first, down to one with a copy
+        for edit in reversed(self._lm.edits.before(self)):
+            if isinstance(edit, WeightEdit) and name in edit._originals:
+                chain.append(edit)
+                if isinstance(edit._originals[name], torch.Tensor):
+                    break
+        values = rebuild(kept, [(e._originals[name], e.deltas[name]) for e in chain])
+        if values is not None:
+            # The edits below keep the values rebuilt on the way, so undoing them next (as in undoing a whole
+            # run, newest first) costs a write each, not another rebuild.
+            for edit, value in zip(chain[:-1], values[1:]):
+                edit._originals[name] = value
+            return values[0]
+        raise LMEditError(f"the value of {name!r} before this edit does not rebuild exactly from the edits applied "
+                          "below it (were their deltas changed after applying?); nothing was written")
 
     def undo(self) -> None:
         """Restore the original values. Refused while a later applied edit touches the same parameters."""
@@ -324,10 +374,25 @@ class WeightEdit(Edit):
         clash = [e for e in later if isinstance(e, WeightEdit) and set(e.deltas) & set(self.deltas)]
         if clash:
             raise LMEditError(f"{len(clash)} edit(s) applied after this one change the same parameters; undo them first")
-        write_params(self._lm.model, self._originals)
+        write_params(self._lm.model, {name: self.original(name) for name in self._originals})
         self._lm.edits.remove(self)
-        self._originals = {}
+        self._originals, self._wrote = {}, {}
         self._lm = None
+
+    def lift(self) -> dict[str, Any]:
+        """Leave the stack without writing the weights; return what it keeps of the old values (`Edit.lift`)."""
+        if self._lm is None:
+            raise LMEditError("this edit is not applied")
+        kept, self._originals = self._originals, {}
+        self._lm.edits.remove(self)
+        self._lm = None
+        return kept
+
+    def settle(self, lm: LM, originals: dict[str, Any]) -> None:
+        """Rejoin `lm`'s stack with what `lift` returned; the weights already hold this edit's values."""
+        self._originals = dict(originals)
+        self._lm = lm
+        lm.edits.push(self)
 
     def save(self, path: str | Path) -> Path:
         """Write the deltas (factors when low-rank) and metadata to one safetensors file, atomically.
@@ -411,121 +476,6 @@ def _save_envelope(edit: Edit, path: str | Path, fmt: str, tensors: dict[str, to
     return path
 
 
-class WrapperEdit(Edit):
-    """An edit that wraps the model instead of changing its weights (SERAC, IKE).
-
-    While applied, the text-level scoring functions route every prompt through `lm.edits.route`: each
-    applied wrapper says, per prompt, whether the prompt is in its scope (with a score) and which text the
-    frozen base model reads instead; the highest-scoring wrapper wins, prompts no wrapper claims reach the
-    base model unchanged (bit-identical outputs). `undo()` takes the wrapper off the stack; the weights
-    are never written, so undo is exact by construction.
-
-    Subclasses implement `match`, `tensors` and `metadata` and name themselves for `load_edit`:
-    `class SeracEdit(WrapperEdit, wrapper="serac")`; `from_saved` rebuilds one from a saved file.
-    """
-
-    kind: ClassVar[str] = "wrapper"
-    wrapper: ClassVar[str] = ""
-    _types: ClassVar[dict[str, type[WrapperEdit]]] = {}
-
-    def __init_subclass__(cls, wrapper: str = "", **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if wrapper:
-            cls.wrapper = wrapper
-            WrapperEdit._types[wrapper] = cls
-
-    def __init__(self, *, base_fingerprint: str = "", method: str = "", config: dict[str, Any] | None = None,
-                 info: dict[str, Any] | None = None) -> None:
-        # `requests` (the Edit record's field) is a property of each wrapper kind: its stored entries' requests.
-        self.base_fingerprint = base_fingerprint
-        self.method = method
-        self.config: dict[str, Any] = dict(config or {})
-        self.info: dict[str, Any] = dict(info or {})
-        self._lm: LM | None = None
-
-    @abstractmethod
-    def match(self, prompts: Sequence[str]) -> list[tuple[float, str] | None]:
-        """Per prompt: None when it is outside this edit's scope, else (score, text the base model reads instead)."""
-
-    @abstractmethod
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """Everything tensor-valued that `save` writes (and `from_saved` reads back)."""
-
-    @abstractmethod
-    def metadata(self) -> dict[str, Any]:
-        """Everything else `save` writes, JSON-serialisable."""
-
-    @classmethod
-    @abstractmethod
-    def from_saved(cls, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], common: dict[str, Any]) -> WrapperEdit:
-        """Rebuild from `tensors()`/`metadata()`; `common` holds base_fingerprint, method, config and info."""
-
-    @property
-    def is_applied(self) -> bool:
-        return self._lm is not None
-
-    def apply(self, lm: LM, *, check_fingerprint: bool = True) -> WrapperEdit:
-        """Put the wrapper in front of `lm` (the weights are not touched).
-
-        Raises:
-            LMEditError: already applied, or made for a model with other weights.
-        """
-        _check_applicable(self, lm, check_fingerprint)
-        self._lm = lm
-        lm.edits.push(self)
-        return self
-
-    def undo(self) -> None:
-        """Take the wrapper off the model. Wrappers never write weights, so any order of undo is exact."""
-        if self._lm is None:
-            raise LMEditError("this edit is not applied")
-        self._lm.edits.remove(self)
-        self._lm = None
-
-    def save(self, path: str | Path) -> Path:
-        """Write tensors and metadata to one safetensors file, atomically.
-
-        Raises:
-            LMEditError: the edit has no `base_fingerprint`.
-        """
-        tensors = {k: v.detach().contiguous().cpu() for k, v in self.tensors().items()}
-        return _save_envelope(self, path, WRAPPER_FORMAT, tensors,
-                              {"wrapper": self.wrapper, "wrapper_meta": json.dumps(self.metadata())})
-
-    @classmethod
-    def load(cls, path: str | Path, *, label: str | None = None) -> WrapperEdit:
-        """Read a wrapper edit written by `save`, as the subclass named in the file, checking everything on load.
-
-        Args:
-            path: the file.
-            label: how error messages name the file (default: the path).
-
-        Raises:
-            MissingFileError: no file at `path`.
-            EditFileError: not an lmedit wrapper edit (the checks of `WeightEdit.load`), its wrapper type is not
-                registered (not imported), or its tensors and metadata are not what that type saves.
-        """
-        path = Path(path)
-        where = label or str(path)
-        meta = read_metadata(path, label)
-        common = check_metadata(meta, WRAPPER_FORMAT, ("wrapper", "wrapper_meta"), where)
-        wrapper_type = WrapperEdit._types.get(meta["wrapper"])
-        if wrapper_type is None:
-            raise EditFileError(f"{where} holds a {meta['wrapper']!r} wrapper edit, which no loaded module "
-                                f"provides (known: {sorted(WrapperEdit._types)})")
-        wrapper_meta = json_field(meta, "wrapper_meta", dict, where)
-        tensors = read_tensors(path, label)
-        check_tensor_names(tensors, where)
-        common.update(base_fingerprint=meta["base_fingerprint"], method=meta["method"])
-        try:
-            return wrapper_type.from_saved(tensors, wrapper_meta, common)
-        except LMEditError as exc:  # from_saved's own checks: add the file
-            raise EditFileError(f"{where}: {exc}") from None
-        except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:  # a check from_saved lacks
-            raise EditFileError(f"{where}: the {meta['wrapper']!r} edit's tensors or metadata are not what it saves "
-                                f"({type(exc).__name__}: {exc})") from None
-
-
 def load_edit(path: str | Path, *, label: str | None = None) -> Edit:
     """Load any saved edit kind from `path` (dispatching on the kind recorded in the file), checking it on load.
 
@@ -537,7 +487,8 @@ def load_edit(path: str | Path, *, label: str | None = None) -> Edit:
         MissingFileError: no file at `path`.
         EditFileError: the file is not an lmedit edit, or fails a check of its kind's `load`.
     """
-    from lmedit.editors.adaptor import AdaptorEdit  # here: that module builds on this one
+    from lmedit.editors.adaptor import AdaptorEdit  # here: those modules build on this one
+    from lmedit.editors.wrapper import WrapperEdit
 
     path = Path(path)
     fmt = read_metadata(path, label).get("format")

@@ -48,7 +48,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmedit.config import check_ranges, to_dict
-from lmedit.editors.base import Editor, EditorConfig, WrapperEdit, check_requests
+from lmedit.editors.base import Editor, EditorConfig, check_requests
+from lmedit.editors.wrapper import WrapperEdit
 from lmedit.editors.serac.scope import SentenceEncoder, edit_statement, load_encoder
 from lmedit.errors import ConfigError, EditFileError, InputFileError, LMEditError, MissingFileError, RequestError
 from lmedit.registry import editors

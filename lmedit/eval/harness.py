@@ -454,7 +454,10 @@ def _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous,
     checkpoints = sorted({k for k in range(every, len(records) + 1, every)} | {len(records)})
     rows = [r for r in previous if r.get("mode") == "sequential"]
     finished = {int(r["n_edits"]) for r in rows if r.get("kind") == "checkpoint_done"}
-    # Health rows are recomputed on resume (the saved edits are re-applied and re-checked).
+    # Health rows are recomputed on resume (the saved edits are re-applied and re-checked); the edits' times
+    # come from them.
+    seconds: dict[str, float] = {r["case_id"]: r["edit_seconds"] for r in rows
+                                 if r.get("kind") == "health" and r.get("edit_seconds") is not None}
     rows = [r for r in rows if int(r["n_edits"]) in finished and r.get("kind") != "health"]
     writer.rewrite(rows)
     remaining = [k for k in checkpoints if k not in finished]
@@ -476,7 +479,6 @@ def _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous,
         edits_dir.mkdir(exist_ok=True)
     applied: list[Edit] = []
     edited: list[EvalRecord] = []
-    seconds: dict[str, float] = {}
     base_loss = loss = probe_loss(lm)
     try:
         for i, record in enumerate(records):
@@ -497,8 +499,10 @@ def _run_sequential(lm, editor, records, drift, config, tfidf, writer, previous,
                 after = probe_loss(lm)
                 health = health_row(edit, loss, after, base_loss, config.disabling_rise)
                 refused = health["flagged"] and config.refuse_disabling
+                # The edit's time here too (None for a saved edit replayed on resume): a run stopped before its
+                # next checkpoint keeps it.
                 row = {"case_id": record.case_id, "mode": "sequential", "kind": "health", "n_edits": i + 1,
-                       "kept": not refused, **health}
+                       "kept": not refused, "edit_seconds": seconds.get(record.case_id), **health}
                 writer.write(row)
                 rows.append(row)
                 if health["flagged"]:
@@ -551,7 +555,7 @@ def summarize(rows: Sequence[dict[str, Any]], *, run: dict[str, Any], skipped: S
         summary["curves"] = curves(rows, names, kind="edited", n_boot=n_boot, seed=seed)
         summary["drift_curves"] = curves(rows, DRIFT_METRICS, kind="drift", n_boot=n_boot, seed=seed)
         health = [{k: r.get(k) for k in ("n_edits", "case_id", "update_norm", "denominator", "probe_loss",
-                                         "probe_loss_rise", "flagged", "kept")} for r in rows if r.get("kind") == "health"]
+                                         "probe_loss_rise", "flagged", "kept", "edit_seconds")} for r in rows if r.get("kind") == "health"]
         summary["health"] = {"edits": health, "flagged": sum(1 for h in health if h["flagged"]),
                              "max_probe_loss_rise": max((h["probe_loss_rise"] for h in health), default=None)}
     else:

@@ -21,7 +21,7 @@ themselves through a hook and ask `of_kind("adaptor")` which of them are applied
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from lmedit.errors import LMEditError
+from lmedit.models.params import read as read_param
+from lmedit.models.params import write as write_params
 
 if TYPE_CHECKING:
     from lmedit.editors.base import Edit
@@ -77,6 +79,10 @@ class AppliedEdits:
     def of_kind(self, kind: str) -> list[Edit]:
         """The applied edits of one kind ("weight", "wrapper", "adaptor"), oldest first."""
         return [e.edit for e in self._entries if e.edit.kind == kind]
+
+    def before(self, edit: Edit) -> list[Edit]:
+        """The edits applied before `edit`, oldest first."""
+        return [e.edit for e in self._entries[:self._index(edit)]]
 
     def after(self, edit: Edit) -> list[Edit]:
         """The edits applied after `edit`, oldest first."""
@@ -130,24 +136,72 @@ class AppliedEdits:
     @contextmanager
     def suspended(self, edits: Sequence[Edit] | None = None, *, lm: LM) -> Iterator[None]:
         """Undo `edits` (default: every applied edit), newest first, for the block; re-apply them in order after,
-        with their ledger labels, even when the block raises: the unedited model, briefly."""
+        with their ledger labels, even when the block raises: the unedited model, briefly.
+
+        When `edits` are the newest applied edits in the order applied (the default, and a sequential run's
+        own edits), the block is cheap however many they are: each changed parameter's current value is saved
+        and its oldest original written once, and after the block the saved values are written back (bit for
+        bit what re-adding every delta in order gives) and the edits rejoin the stack without re-adding their
+        deltas. If the block leaves edits applied, or changes those parameters, the edits are re-applied one by
+        one instead. Other selections are undone and re-applied one by one (undo refusing as it does alone).
+        """
         chosen = list(self) if edits is None else list(edits)
         labels = {id(e.edit): e.label for e in self._entries}
         self._suspending += 1
         try:
-            for edit in reversed(chosen):
-                edit.undo()
+            put_back = self._lift(chosen, lm) if self._on_top(chosen) else self._undo(chosen, lm)
             try:
                 yield
             finally:
+                put_back()
                 for edit in chosen:
-                    edit.apply(lm)
                     if labels.get(id(edit)) is not None:
                         self.label(edit, labels[id(edit)])  # type: ignore[arg-type]
         finally:
             self._suspending -= 1
             if not self._suspending:
                 self.parked.clear()
+
+    def _on_top(self, chosen: Sequence[Edit]) -> bool:
+        """Whether `chosen` are the newest applied edits, in the order they were applied."""
+        if not chosen or len(chosen) > len(self._entries):
+            return False
+        return all(e.edit is c for e, c in zip(self._entries[len(self._entries) - len(chosen):], chosen))
+
+    def _undo(self, chosen: Sequence[Edit], lm: LM) -> Callable[[], None]:
+        """Undo `chosen` one by one, newest first; return what re-applies them in order."""
+        for edit in reversed(chosen):
+            edit.undo()
+
+        def put_back() -> None:
+            for edit in chosen:
+                edit.apply(lm)
+        return put_back
+
+    def _lift(self, chosen: Sequence[Edit], lm: LM) -> Callable[[], None]:
+        """Take the top edits `chosen` off at once (see `suspended`); return what puts them back."""
+        base: dict[str, torch.Tensor] = {}  # parameter -> its value before the oldest chosen edit changed it
+        for edit in chosen:
+            for name in getattr(edit, "deltas", {}) if edit.kind == "weight" else ():
+                if name not in base:
+                    base[name] = edit.original(name)  # type: ignore[attr-defined]
+        lifted = [edit.lift() for edit in reversed(chosen)][::-1]  # newest first; weight edits write nothing
+        edited = {name: read_param(lm.model, name).clone() for name in base}  # the values with the edits in
+        write_params(lm.model, base)
+        below = [e.edit for e in self._entries]
+
+        def put_back() -> None:
+            now = [e.edit for e in self._entries]
+            untouched = (len(now) == len(below) and all(a is b for a, b in zip(now, below))
+                         and all(torch.equal(read_param(lm.model, name), value) for name, value in base.items()))
+            if not untouched:  # the block left edits applied or changed the weights: re-add every delta
+                for edit in chosen:
+                    edit.apply(lm)
+                return
+            write_params(lm.model, edited)
+            for edit, originals in zip(chosen, lifted):
+                edit.settle(lm, originals)
+        return put_back
 
     @property
     def suspending(self) -> bool:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from lmedit.editors.base import WrapperEdit
+from lmedit.editors.wrapper import WrapperEdit
 from lmedit.editors.serac.config import ENCODERS
 from lmedit.editors.serac.scope import INPUT_VIEWS, ScopeHead, SentenceEncoder, load_encoder
 from lmedit.errors import EditFileError, LMEditError

@@ -126,7 +126,7 @@ def test_sequential_resume_reapplies_saved_edits(tiny_llama, starter, tmp_path):
     kwargs = dict(limit=3, mode="sequential", checkpoint_every=1, n_drift=1, n_bootstrap=10, out_dir=out)
     full = evaluate(tiny_llama, starter, TEST_EDITOR, **kwargs)
     rows = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
-    keep = [r for r in rows if r["n_edits"] < 3]
+    keep = [r for r in rows if r["n_edits"] < 3 or r["kind"] == "health"]  # stopped before checkpoint 3
     (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in keep))
     calls(reset=True)
     resumed = evaluate(tiny_llama, starter, TEST_EDITOR, resume=True, **kwargs)
@@ -134,6 +134,10 @@ def test_sequential_resume_reapplies_saved_edits(tiny_llama, starter, tmp_path):
     last = lambda res: sorted((r["case_id"], r["edited"]["efficacy_score"]) for r in res.rows  # noqa: E731
                               if r.get("kind") == "edited" and r["n_edits"] == 3)
     assert last(resumed) == last(full)
+    # The edits' times survive the resume (from the health rows), though the edits were not made again.
+    times = lambda res: sorted((r["case_id"], r["edit_seconds"]) for r in res.rows  # noqa: E731
+                               if r.get("kind") == "edited" and r["n_edits"] == 3)
+    assert times(resumed) == times(full) and all(t > 0 for _, t in times(full))
 
 
 def test_progress_callback_reports_eta(tiny_llama, starter):
@@ -240,6 +244,7 @@ def test_sequential_health_flags_a_disabling_edit(tiny_llama, starter, tmp_path,
                       n_drift=1, n_bootstrap=10, out_dir=tmp_path / "h", refuse_disabling=refuse, disabling_rise=0.5)
     health = result.summary["health"]["edits"]
     assert [h["n_edits"] for h in health] == [1, 2, 3]
+    assert all(h["edit_seconds"] > 0 for h in health)  # each edit's time, also before any checkpoint
     assert [h["flagged"] for h in health] == [False, True, False]
     assert health[1]["probe_loss_rise"] > 0.5 and abs(health[0]["probe_loss_rise"]) < 0.5
     assert health[1]["update_norm"] > 100 * health[0]["update_norm"]

@@ -6,7 +6,8 @@ import torch
 from ledger_helpers import LENIENT, REQUESTS, random_edit, same_weights, snapshot
 
 import lmedit
-from lmedit.editors.base import WrapperEdit, load_edit
+from lmedit.editors.base import load_edit
+from lmedit.editors.wrapper import WrapperEdit
 from lmedit.ledger import Ledger, LedgerError
 from lmedit.testing import tiny_lm
 

@@ -130,6 +130,102 @@ def test_suspended_gives_the_base_model_and_restores_order_and_labels(lm):
     a.undo()
 
 
+def _state(lm):
+    return {k: v.clone() for k, v in lm.model.state_dict().items()}
+
+
+def _added(value, param, *edits):
+    """`value` with `edits`' deltas for `param` added in order, as `WeightEdit.apply` adds them."""
+    for edit in edits:
+        value = (value.to(torch.float64) + edit.deltas[param].full(torch.float64, value.device)).to(value.dtype)
+    return value
+
+
+def _same(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_suspending_the_top_edits_writes_back_their_values_without_re_adding_deltas(lm, monkeypatch):
+    """The fast path: a mixed stack (two weight edits on one parameter, one on another, a wrapper and an
+    adaptor between them) comes off for the block and back after it bit for bit, in order, with its labels,
+    and no weight edit re-adds its delta; each edit still undoes exactly afterwards."""
+    base = _state(lm)
+    down0, down1 = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    a = _weight_edit(lm, down0).apply(lm)
+    wrapper = _Claims("Eiffel", 0.9, "rewritten").apply(lm)
+    grace = lmedit.edit(lm, REQUEST, method="grace", config={"layer": 1, "steps": 3})
+    b = _weight_edit(lm, down0, scale=2e-3).apply(lm)
+    c = _weight_edit(lm, down1, scale=3e-3).apply(lm)
+    lm.edits.label(b, 3)
+    stack = [a, wrapper, grace, b, c]
+    assert list(lm.edits) == stack
+    edited = _state(lm)
+    ids = lm.tokenizer("The Eiffel Tower is in", return_tensors="pt").input_ids
+    with torch.no_grad():
+        served = lm.model(ids).logits
+    re_added = []
+    original_apply = WeightEdit.apply
+    monkeypatch.setattr(WeightEdit, "apply", lambda self, *a, **k: re_added.append(self) or original_apply(self, *a, **k))
+    for _ in range(2):  # twice: the edits rejoined as if applied
+        with lm.edits.suspended(lm=lm):
+            assert not lm.edits and _same(_state(lm), base)
+            assert lm.edits.route(["The Eiffel Tower"]) == ["The Eiffel Tower"]
+        assert list(lm.edits) == stack and lm.edits.labelled() == [(3, b)]
+        assert all(e.is_applied for e in stack) and _same(_state(lm), edited)
+        with torch.no_grad():
+            assert torch.equal(lm.model(ids).logits, served)  # the adaptor serves again
+    with lm.edits.suspended([b, c], lm=lm):  # an explicit top run takes the same path
+        assert list(lm.edits) == [a, wrapper, grace]
+        assert torch.equal(lm.model.state_dict()[down0], _added(base[down0], down0, a))  # a's value alone
+    assert re_added == [] and list(lm.edits) == stack and _same(_state(lm), edited)
+    monkeypatch.setattr(WeightEdit, "apply", original_apply)
+    for edit in reversed(stack):
+        edit.undo()
+    assert not lm.edits and _same(_state(lm), base)
+
+
+def test_a_block_that_changes_the_model_gets_every_delta_re_added(lm):
+    """When the block leaves an edit applied, or writes the weights, the suspended edits are re-applied one by
+    one on top (what undo-then-apply always gave), not overwritten by the saved values."""
+    down0 = "model.layers.0.mlp.down_proj.weight"
+    base = lm.model.state_dict()[down0].clone()
+    a = _weight_edit(lm, down0).apply(lm)
+    b = _weight_edit(lm, down0, scale=2e-3).apply(lm)
+    inner = _weight_edit(lm, down0, scale=5e-3)
+    with lm.edits.suspended(lm=lm):
+        inner.apply(lm)  # left applied
+    assert list(lm.edits) == [inner, a, b]
+    assert torch.equal(lm.model.state_dict()[down0], _added(base, down0, inner, a, b))
+    for edit in (b, a, inner):
+        edit.undo()
+    a.apply(lm)
+    b.apply(lm)
+    with lm.edits.suspended(lm=lm), torch.no_grad():
+        dict(lm.model.named_parameters())[down0].add_(1.0)  # the block writes the weights itself
+    assert list(lm.edits) == [a, b]
+    assert torch.equal(lm.model.state_dict()[down0], _added(base + 1.0, down0, a, b))
+    b.undo()
+    a.undo()
+    assert torch.equal(lm.model.state_dict()[down0], base + 1.0)
+
+
+def test_suspending_edits_that_are_not_the_top_undoes_them_one_by_one(lm):
+    down0, down1 = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"
+    a = _weight_edit(lm, down0).apply(lm)
+    b = _weight_edit(lm, down0, scale=2e-3).apply(lm)
+    c = _weight_edit(lm, down1, scale=3e-3).apply(lm)
+    edited = _state(lm)
+    with pytest.raises(LMEditError, match="undo them first"):  # a is under b on the same parameter
+        with lm.edits.suspended([a], lm=lm):
+            pass
+    assert list(lm.edits) == [a, b, c] and _same(_state(lm), edited)
+    with lm.edits.suspended([b], lm=lm):  # not the top (c is), but nothing above it shares its parameter
+        assert list(lm.edits) == [a, c]
+    assert list(lm.edits) == [a, c, b] and _same(_state(lm), edited)
+    for edit in (b, c, a):
+        edit.undo()
+
+
 def test_ledger_ids_live_on_the_stack(lm, tmp_path):
     ledger = Ledger(tmp_path / "ledger")
     edit = _weight_edit(lm, "model.layers.1.mlp.down_proj.weight")
