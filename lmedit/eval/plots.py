@@ -12,7 +12,7 @@ Not handled: interactive plots (a front end draws its own from the records).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -101,19 +101,29 @@ def sequential(runs: list[Run], out: Path) -> list[Path]:
 
 def health(runs: list[Run], out: Path) -> list[Path]:
     """Update norm, ROME denominator and probe-text loss along each sequential run; disabling edits in red."""
+    fig = health_figure(runs)
+    return [] if fig is None else _save(fig, out, "sequential_health")
+
+
+def health_figure(runs: list[Run]) -> plt.Figure | None:
+    """The figure of `health` (None without a sequential run). Each run keeps one colour across the panels, and
+    the legend, on the probe-loss panel, names every run (a run without a panel's value, such as an adaptor's
+    update norm, is absent from that panel only)."""
     seq = [r for r in runs if r.summary.get("health", {}).get("edits")]
     if not seq:
-        return []
+        return None
     panels = [("update_norm", "update norm ‖Δ‖_F", True), ("denominator", "ROME denominator (C⁻¹k*)ᵀk", True),
               ("probe_loss", "probe-text loss (nats/token)", False)]
     panels = [p for p in panels if any(h.get(p[0]) is not None for r in seq for h in r.summary["health"]["edits"])]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.2), squeeze=False)
+    handles: dict[str, Any] = {}
     for ax, (key, title, log) in zip(axes.flat, panels):
-        for run in seq:
+        for i, run in enumerate(seq):
             pts = [(h["n_edits"], h[key], h["flagged"]) for h in run.summary["health"]["edits"] if h.get(key) is not None]
             if not pts:
                 continue
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, label=_line_label(run, seq))
+            label = _line_label(run, seq)
+            handles[label], = ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1, color=f"C{i}", label=label)
             bad = [p for p in pts if p[2]]
             if bad:
                 ax.scatter([p[0] for p in bad], [p[1] for p in bad], color="red", s=18, zorder=3)
@@ -121,8 +131,9 @@ def health(runs: list[Run], out: Path) -> list[Path]:
             ax.set_yscale("log")
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("number of edits")
-    axes.flat[0].legend(fontsize=8)
-    return _save(fig, out, "sequential_health")
+    labels = [label for label in (_line_label(r, seq) for r in seq) if label in handles]  # in the runs' order
+    axes.flat[-1].legend([handles[label] for label in labels], labels, fontsize=8)
+    return fig
 
 
 def loud_facts(runs: list[Run], out: Path) -> list[Path]:

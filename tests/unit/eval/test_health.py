@@ -94,3 +94,25 @@ def test_probe_loss_remembers_recent_model_states_and_sees_changes_outside_the_e
                 weight.copy_(original)
     finally:
         hook.remove()
+
+
+def test_the_health_figure_gives_each_run_one_colour_and_names_every_run(tmp_path):
+    """An adaptor run has no update norm: its line is absent from that panel, and the weight editor's line keeps
+    its own colour in every panel (not the first free one); the legend names both runs."""
+    from matplotlib.colors import to_hex
+
+    from lmedit.eval.plots import health_figure
+    from lmedit.eval.report import Run
+
+    def run(method, norm):
+        edits = [{"n_edits": n, "update_norm": norm(n), "denominator": None, "probe_loss": 2.8 + n / 100,
+                  "flagged": n == 2} for n in (1, 2, 3)]
+        return Run(path=tmp_path / method, summary={"run": {"method": method, "mode": "sequential"},
+                                                    "health": {"edits": edits}}, rows=[])
+
+    fig = health_figure([run("grace", lambda n: None), run("rome", lambda n: float(n))])
+    norm_ax, probe_ax = fig.axes
+    colour = {line.get_label(): to_hex(line.get_color()) for line in probe_ax.get_lines()}
+    assert set(colour) == {"grace", "rome"} and colour["grace"] != colour["rome"]
+    assert [(line.get_label(), to_hex(line.get_color())) for line in norm_ax.get_lines()] == [("rome", colour["rome"])]
+    assert [t.get_text() for t in probe_ax.get_legend().get_texts()] == ["grace", "rome"]
