@@ -301,14 +301,20 @@ class WeightEdit(Edit):
     # and (digest, chain depth) of the value it wrote, which the next edit of the parameter checks.
     _originals: dict[str, torch.Tensor | Chained] = field(default_factory=dict, repr=False)
     _wrote: dict[str, tuple[bytes, int]] = field(default_factory=dict, repr=False)
+    # Values rebuilt on the way by an undo above (this edit's old values), until the parameter is next written.
+    _rebuilt: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _lm: LM | None = field(default=None, repr=False)
 
     @property
     def is_applied(self) -> bool:
         return self._lm is not None
 
-    def apply(self, lm: LM, *, check_fingerprint: bool = True) -> WeightEdit:
+    def apply(self, lm: LM, *, check_fingerprint: bool = True, trial: bool = False) -> WeightEdit:
         """Add the deltas to `lm`'s parameters. All-or-nothing: on any error the weights are unchanged.
+
+        `trial=True` for an edit that will be undone straight away (a check, an editor's own intermediate step):
+        it keeps a copy of the old values instead of chaining them, so its undo writes the copy rather than
+        rebuilding the value from the edits below (`lmedit.editors.originals`).
 
         Raises:
             LMEditError: already applied, fingerprint or shape mismatch, unknown parameter.
@@ -329,11 +335,15 @@ class WeightEdit(Edit):
                 raise EditFailedError(f"edit would make {name!r} non-finite; the model is unchanged")
             new_values[name] = new
         below = {name: e for e in lm.edits.of_kind("weight") for name in getattr(e, "deltas", {})}  # the newest
-        originals = {name: keep(read_param(lm.model, name), getattr(below.get(name), "_wrote", {}).get(name))
+        originals = {name: keep(read_param(lm.model, name),
+                                None if trial else getattr(below.get(name), "_wrote", {}).get(name))
                      for name in new_values}
         wrote_now = {name: (digest(value), depth(originals[name])) for name, value in new_values.items()}
+        for edit in lm.edits.of_kind("weight"):  # values rebuilt by an earlier undo: let them go (memory)
+            for name in new_values:
+                getattr(edit, "_rebuilt", {}).pop(name, None)
         write_params(lm.model, new_values)
-        self._originals, self._wrote = originals, wrote_now
+        self._originals, self._wrote, self._rebuilt = originals, wrote_now, {}
         self._lm = lm
         lm.edits.push(self)
         return self
@@ -350,18 +360,24 @@ class WeightEdit(Edit):
         kept = self._originals[name]
         if isinstance(kept, torch.Tensor):
             return kept
-        chain: list[WeightEdit] = []  # the edits below on this parameter, newest first, down to one with a copy
+        if name in self._rebuilt:
+            return self._rebuilt[name]
+        chain: list[WeightEdit] = []  # the edits below on this parameter, newest first, down to one with a value
         for edit in reversed(self._lm.edits.before(self)):
             if isinstance(edit, WeightEdit) and name in edit._originals:
                 chain.append(edit)
-                if isinstance(edit._originals[name], torch.Tensor):
+                if isinstance(edit._originals[name], torch.Tensor) or name in edit._rebuilt:
                     break
-        values = rebuild(kept, [(e._originals[name], e.deltas[name]) for e in chain])
+        pairs = [(e._originals[name], e.deltas[name]) for e in chain]
+        if chain and name in chain[-1]._rebuilt:
+            pairs[-1] = (chain[-1]._rebuilt[name], pairs[-1][1])
+        values = rebuild(kept, pairs)
         if values is not None:
-            # The edits below keep the values rebuilt on the way, so undoing them next (as in undoing a whole
-            # run, newest first) costs a write each, not another rebuild.
+            # The edits below keep the values rebuilt on the way until the parameter is next written, so undoing
+            # them next (as in undoing a whole run, newest first) costs a write each, not another rebuild; a
+            # trial apply and undo (the destructive-edit check) followed by an apply leaves nothing behind.
             for edit, value in zip(chain[:-1], values[1:]):
-                edit._originals[name] = value
+                edit._rebuilt[name] = value
             return values[0]
         raise LMEditError(f"the value of {name!r} before this edit does not rebuild exactly from the edits applied "
                           "below it (were their deltas changed after applying?); nothing was written")
@@ -376,7 +392,7 @@ class WeightEdit(Edit):
             raise LMEditError(f"{len(clash)} edit(s) applied after this one change the same parameters; undo them first")
         write_params(self._lm.model, {name: self.original(name) for name in self._originals})
         self._lm.edits.remove(self)
-        self._originals, self._wrote = {}, {}
+        self._originals, self._wrote, self._rebuilt = {}, {}, {}
         self._lm = None
 
     def lift(self) -> dict[str, Any]:

@@ -15,8 +15,9 @@ the nearest copy below, the deltas of the edits in between exactly as `apply` ad
 sum, rounded once to the parameter's dtype), checks it against the digest, and only then writes anything. A value
 that does not rebuild exactly (an edit's deltas changed in place after it was applied) is refused with
 `LMEditError`, the weights untouched. Memory per parameter chain: one copy per `KEEP_EVERY` edits. An undo re-adds
-at most `KEEP_EVERY - 1` deltas, and the edits below keep the values rebuilt on the way (as copies), so undoing a
-whole run newest first re-adds each delta once.
+at most `KEEP_EVERY - 1` deltas, and the edits below keep the values rebuilt on the way until the parameter is next
+written, so undoing a whole run newest first re-adds each delta once, and a trial apply and undo followed by the
+real apply (the destructive-edit check) keeps nothing.
 """
 
 from __future__ import annotations

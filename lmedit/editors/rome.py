@@ -154,7 +154,7 @@ class RomeEditor(Editor[RomeConfig]):
                 infos.append(info)
                 if len(requests) > 1:  # later requests are computed on the model with earlier ones applied
                     step = WeightEdit({param: ParamDelta(left=p_left, right=p_right)})
-                    applied.append(step.apply(lm, check_fingerprint=False))
+                    applied.append(step.apply(lm, check_fingerprint=False, trial=True))
         finally:
             for step in reversed(applied):
                 step.undo()

@@ -79,7 +79,10 @@ def assess(edit: Edit, lm: LM) -> Assessment:
         reasons.append(f"it changes {worst_name} by {worst:.3g}× its own size (shipped settings stay under "
                        f"{MAX_RELATIVE_NORM:g}×)")
     before = probe_loss(lm)
-    edit.apply(lm, check_fingerprint=False)  # type: ignore[call-arg]  (weight and adaptor edits take it)
+    if isinstance(edit, WeightEdit):
+        edit.apply(lm, check_fingerprint=False, trial=True)  # undone below: keep a copy, no rebuild
+    else:
+        edit.apply(lm, check_fingerprint=False)  # type: ignore[call-arg]  (adaptor edits take it)
     try:
         rise = probe_loss(lm) - before
     finally:

@@ -222,7 +222,7 @@ def spread(lm: LM, requests: Sequence[EditRequest], layers: Sequence[int], targe
             keys_used[name] = K.T.to(torch.float32).contiguous()
             info.append({"layer": layer, "target_norm": float(residual.norm(dim=-1).mean()),
                          "update_norm": float(delta.full(torch.float64).norm())})
-            steps.append(WeightEdit({name: delta}).apply(lm, check_fingerprint=False))
+            steps.append(WeightEdit({name: delta}).apply(lm, check_fingerprint=False, trial=True))
             if progress:
                 progress("layers", i + 1, len(layers))
     finally:

@@ -58,8 +58,8 @@ def test_a_long_run_of_edits_keeps_one_copy_per_keep_every_and_undoes_bit_for_bi
         edits[i].undo()
         if i == n - 1:  # the values rebuilt on the way are kept by the edits below, down to the nearest copy
             last_copy = (n - 1) // KEEP_EVERY * KEEP_EVERY
-            assert all(isinstance(e._originals[DOWN0], torch.Tensor) for e in edits[last_copy:n - 1])
-            assert isinstance(edits[last_copy - 1]._originals[DOWN0], Chained)  # below it: not rebuilt
+            assert all(DOWN0 in e._rebuilt for e in edits[last_copy + 1:n - 1])
+            assert not any(DOWN0 in e._rebuilt for e in edits[:last_copy + 1])  # the copy and below: not rebuilt
         assert torch.equal(_value(lm, DOWN0), states[i][0]) and torch.equal(_value(lm, DOWN1), states[i][1])
     assert not lm.edits
 
@@ -123,3 +123,54 @@ def test_bfloat16_weights_chain_and_undo_bit_for_bit():
     for edit in reversed(edits):
         edit.undo()
     assert torch.equal(_value(lm, DOWN0), base)
+
+
+def test_a_trial_apply_and_undo_before_each_apply_keeps_nothing_extra(lm):
+    """The destructive-edit check applies an edit, measures, undoes it, then the edit is applied for good: the
+    values that undo rebuilt go when the parameter is next written, so memory stays one copy per KEEP_EVERY."""
+    base = _value(lm, DOWN0)
+    edits = []
+    for i in range(KEEP_EVERY + 4):
+        edit = _edit(lm, i, DOWN0)
+        edit.apply(lm)
+        edit.undo()  # the trial
+        edit.apply(lm)
+        edits.append(edit)
+        assert not any(e._rebuilt for e in edits)
+    assert sum(isinstance(e._originals[DOWN0], torch.Tensor) for e in edits) == 2
+    for edit in reversed(edits):
+        edit.undo()
+    assert torch.equal(_value(lm, DOWN0), base)
+
+
+def test_lmedit_edit_with_its_destructive_check_chains_the_old_values(lm):
+    """Through `lmedit.edit` (which checks each edit on the model before applying it), sequential edits keep
+    copies only every KEEP_EVERY edits."""
+    edits = [lmedit.edit(lm, lmedit.EditRequest("{} is located in", f"Subject {i}", "Rome", "Paris"),
+                         method="rome", config={"layer": 1}) for i in range(4)]
+    name = next(iter(edits[0].deltas))
+    assert [isinstance(e._originals[name], Chained) for e in edits] == [False, True, True, True]
+    assert not any(e._rebuilt for e in edits)
+    for edit in reversed(edits):
+        edit.undo()
+
+
+def test_a_trial_apply_keeps_a_copy_so_its_undo_rebuilds_nothing(lm, monkeypatch):
+    """Editors' intermediate steps and the destructive-edit check apply with `trial=True`: the step keeps a
+    copy, and undoing it neither rebuilds a value nor leaves one behind on the edits below."""
+    import lmedit.editors.base as base
+
+    edits = [_edit(lm, i, DOWN0).apply(lm) for i in range(5)]
+    before = _value(lm, DOWN0)
+    rebuilt = []
+    monkeypatch.setattr(base, "rebuild", lambda *a: rebuilt.append(1) or None)
+    step = _edit(lm, 9, DOWN0).apply(lm, trial=True)
+    assert isinstance(step._originals[DOWN0], torch.Tensor)
+    step.undo()
+    assert rebuilt == [] and torch.equal(_value(lm, DOWN0), before) and not any(e._rebuilt for e in edits)
+    chained = _edit(lm, 10, DOWN0).apply(lm)  # not a trial: chained, and its undo rebuilds
+    assert isinstance(chained._originals[DOWN0], Chained)
+    monkeypatch.undo()
+    chained.undo()
+    for edit in reversed(edits):
+        edit.undo()
