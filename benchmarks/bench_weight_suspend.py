@@ -7,8 +7,9 @@ the block, the edits rejoining the stack without re-adding their deltas. This co
 edits:
 
 - "suspended": `with lm.edits.suspended(edits): pass`;
-- "undo_apply": what it did before: undo every edit, newest first, and re-apply each in order (each re-apply adds
-  its delta in float64 over the whole matrix, checks it is finite and clones the matrix for its undo).
+- "undo_apply": what `suspended` did before, with this commit's undo and apply: undo every edit, newest first,
+  and re-apply each in order (each re-apply adds its delta in float64 over the whole matrix and checks it is
+  finite). Run the script on the previous commit for the old `suspended` itself.
 
 Both must leave the weights bit-identical to before (checked). It also reports what the edits keep for their
 undo (a copy of the old value per `KEEP_EVERY` edits, against one per edit before), the median time of one

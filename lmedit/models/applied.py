@@ -13,9 +13,10 @@ Every edit kind registers here when applied and leaves when undone (`Edit.apply`
     lm.edits.ledger, lm.edits.labelled()   # which ledger rebuilt the model, and its edits with their ledger ids
 
 One stack per model object (not per `LM` bundle), so two bundles wrapping the same transformers model see the
-same applied edits. The stack holds edits only through what every `Edit` declares (`kind`, `apply`, `undo`;
-weight edits' `deltas` and `keys`; wrapper edits' `match`; adaptor edits, such as GRACE's codebook, serve
-themselves through a hook and ask `of_kind("adaptor")` which of them are applied), so this module imports no editor.
+same applied edits. The stack holds edits only through what every `Edit` declares (`kind`, `apply`, `undo`,
+`lift`/`settle` for a cheap `suspended`; weight edits' `deltas`, `keys` and `original`; wrapper edits' `match`;
+adaptor edits, such as GRACE's codebook, serve themselves through a hook and ask `of_kind("adaptor")` which of
+them are applied), so this module imports no editor.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class AppliedEdits:
         """Take the top edits `chosen` off at once (see `suspended`); return what puts them back."""
         base: dict[str, torch.Tensor] = {}  # parameter -> its value before the oldest chosen edit changed it
         for edit in chosen:
-            for name in getattr(edit, "deltas", {}) if edit.kind == "weight" else ():
+            for name in edit.deltas if edit.kind == "weight" else ():  # type: ignore[attr-defined]
                 if name not in base:
                     base[name] = edit.original(name)  # type: ignore[attr-defined]
         lifted = [edit.lift() for edit in reversed(chosen)][::-1]  # newest first; weight edits write nothing
