@@ -268,13 +268,14 @@ def write_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], provena
 
 
 def read_tensors(path: str | Path, provenance: Mapping[str, Any],
-                 expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
+                 expected: Mapping[str, tuple[tuple[int | None, ...], torch.dtype]]) -> dict[str, torch.Tensor] | None:
     """The tensors of cache file `path` if it passes every check, else None (after a `CacheWarning`).
 
     Args:
         path: the cache file; a missing file gives None without a warning.
         provenance: what the caller is asking for; must equal what the file was computed from.
-        expected: tensor name -> (shape, dtype); the file must hold exactly these. Float tensors must be finite.
+        expected: tensor name -> (shape, dtype); the file must hold exactly these (a None in a shape: any size
+            along that axis, for sizes known only once computed). Float tensors must be finite.
     """
     return _checked(Path(path), lambda p: _read_tensors(p, _provenance(provenance), expected))
 
@@ -293,7 +294,7 @@ def _checked(path: Path, read: Any) -> Any:
 
 
 def _read_tensors(path: Path, provenance: dict[str, Any],
-                  expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
+                  expected: Mapping[str, tuple[tuple[int | None, ...], torch.dtype]]) -> dict[str, torch.Tensor]:
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -325,7 +326,8 @@ def _read_tensors(path: Path, provenance: dict[str, Any],
         raise _Rejected(f"it holds tensors {sorted(tensors)}, expected {sorted(expected)}")
     for name, (shape, dtype) in expected.items():
         tensor = tensors[name]
-        if tuple(tensor.shape) != tuple(shape) or tensor.dtype != dtype:
+        if (tensor.dim() != len(shape) or tensor.dtype != dtype
+                or any(want is not None and got != want for got, want in zip(tensor.shape, shape, strict=True))):
             raise _Rejected(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {tuple(shape)}")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise _Rejected(f"tensor {name!r} has non-finite values")

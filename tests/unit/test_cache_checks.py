@@ -26,8 +26,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 import lmedit
-from lmedit.cache import (TMP_SUFFIX, CacheWarning, atomic_write, publish_dir, temp_dir, tensor_digest, write_json,
-                          write_tensors)
+from lmedit.cache import (TMP_SUFFIX, CacheWarning, atomic_write, publish_dir, read_tensors, temp_dir, tensor_digest,
+                          write_json, write_tensors)
 from lmedit.editors.alphaedit import AlphaEditConfig, AlphaEditEditor
 from lmedit.editors.kn import KnConfig, KnEditor
 from lmedit.editors.rome import RomeConfig, RomeEditor
@@ -349,3 +349,14 @@ def test_url_downloads_are_cached_under_a_hash_of_the_url(tmp_path, monkeypatch)
     # a file that an older lmedit cached by name only is not taken for the default URL's data
     (tmp_path / "cache" / "data" / "data.json").write_bytes(b'[{"from": "elsewhere"}]')
     assert reading.resolve(None, name="x", filename="data.json", url="https://b.example/y/data.json") == b
+
+
+def test_a_shape_known_only_once_computed_is_checked_on_its_other_axes(tmp_path):
+    # AlphaEdit's null-space basis is (d_mlp, r) with r found by the eigendecomposition: expected (d_mlp, None)
+    path, provenance = tmp_path / "basis.safetensors", {"kind": "test"}
+    write_tensors(path, {"U": torch.ones(6, 4)}, provenance)
+    assert read_tensors(path, provenance, {"U": ((6, None), torch.float32)})["U"].shape == (6, 4)
+    for wrong in [((5, None), torch.float32), ((6, None, None), torch.float32), ((None,), torch.float32),
+                  ((6, None), torch.float64)]:
+        with pytest.warns(CacheWarning, match="expected"):
+            assert read_tensors(path, provenance, {"U": wrong}) is None

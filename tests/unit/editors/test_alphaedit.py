@@ -2,7 +2,8 @@ import pytest
 import torch
 
 import lmedit
-from lmedit.editors.alphaedit import AlphaEditConfig, AlphaEditEditor, alphaedit_solve, null_space_projection
+from lmedit.editors.alphaedit import (AlphaEditConfig, AlphaEditEditor, alphaedit_solve, alphaedit_solve_in_basis,
+                                     null_space_basis, null_space_projection)
 from lmedit.stats import StatsCache
 from lmedit.testing import TINY_CORPUS, tiny_lm
 
@@ -43,6 +44,30 @@ def test_update_is_orthogonal_to_the_preserved_keys():
     assert (delta @ K_prev).norm() < 0.5 * ((left0 @ right0.T) @ K_prev).norm()
 
 
+@pytest.mark.parametrize("n_prev", [None, 0, 2, 40])
+def test_solve_in_the_basis_equals_the_paper_form(n_prev):
+    # eq. 15 with P inside (alphaedit_solve) against the r-dimensional form the editor runs
+    C, _ = _spectrum()
+    U = null_space_basis(C, 1e-3)
+    assert U.shape == (32, 20)
+    torch.testing.assert_close(U.T @ U, torch.eye(20, dtype=torch.float64))
+    g = torch.Generator().manual_seed(n_prev or 0)
+    K, D = torch.randn(3, 32, generator=g, dtype=torch.float64), torch.randn(3, 8, generator=g, dtype=torch.float64)
+    K_prev = None if n_prev is None else torch.randn(32, n_prev, generator=g, dtype=torch.float64)
+    for alpha in (1e-3, 0.7):
+        left, right = alphaedit_solve(U @ U.T, K, D, alpha, K_prev)
+        left_b, right_b = alphaedit_solve_in_basis(U, K, D, alpha, K_prev)
+        assert torch.equal(left, left_b)
+        torch.testing.assert_close(right_b, right, rtol=1e-9, atol=1e-12)
+        assert right_b.abs().max() > 1e-3  # not a vacuous match of two zero updates
+
+
+def test_solve_in_an_empty_null_space_changes_nothing():
+    K, D = torch.randn(2, 32, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
+    left, right = alphaedit_solve_in_basis(torch.zeros(32, 0, dtype=torch.float64), K, D, 0.5, torch.randn(32, 3))
+    assert left.shape == (8, 2) and right.shape == (32, 2) and not right.any()
+
+
 def _editor(tmp_path, **kw):
     tmp_path.mkdir(parents=True, exist_ok=True)
     corpus = tmp_path / "corpus.txt"
@@ -61,6 +86,10 @@ def test_projection_is_cached_per_model_layer_corpus_and_threshold(tmp_path):
     assert lm.weights_hash in str(paths[1]) and "layer1" in paths[1].name and "t0.01" in paths[1].name
     assert editor.projection_path(other, 1) != paths[1]
     assert _editor(tmp_path, nullspace_threshold=0.1).projection_path(lm, 1) != paths[1]
+    # the cached basis is the eigenvectors of C below the threshold; its rank is in the edit's notes
+    C = editor.covariances(lm, (1,))[1]
+    cached = editor.projection(lm, 1, C)
+    torch.testing.assert_close(cached @ cached.T, null_space_projection(C, 0.01), rtol=0, atol=1e-6)
     # a cached projection gives the same edit as a fresh one
     again = editor.edit(lm, [FIRST])
     fresh = _editor(tmp_path / "fresh").edit(lm, [FIRST])
