@@ -92,6 +92,7 @@ def test_projection_is_cached_per_model_layer_corpus_and_threshold(tmp_path):
     torch.testing.assert_close(cached @ cached.T, null_space_projection(C, 0.01), rtol=0, atol=1e-6)
     # a cached projection gives the same edit as a fresh one
     again = editor.edit(lm, [FIRST])
+    assert again.info["per_layer"][0]["nullspace_dim"] == cached.shape[1] > 0
     fresh = _editor(tmp_path / "fresh").edit(lm, [FIRST])
     for name in again.deltas:
         torch.testing.assert_close(again.deltas[name].full(), fresh.deltas[name].full(), rtol=1e-5, atol=1e-7)
