@@ -1,4 +1,6 @@
-"""The 1,000-sequential-edit runs of GRACE, WISE and default ROME side by side (docs/editors.md, "1,000 sequential edits").
+"""The 1,000-sequential-edit runs of GRACE, WISE, default ROME and AlphaEdit side by side.
+
+See docs/editors.md, "1,000 sequential edits".
 
 Reads the runs' committed summaries in docs/figures and draws them with the evaluation's own plots
 (`lmedit.eval.plots.sequential` and `health`): docs/figures/sequential1000_lifelong_gemma3-270m.png (metric
@@ -18,7 +20,7 @@ from lmedit.eval import plots
 from lmedit.eval.report import Run
 
 FIGURES = Path(__file__).resolve().parent.parent / "docs" / "figures"
-METHODS = ("grace", "wise", "rome")
+METHODS = ("grace", "wise", "rome", "alphaedit")
 
 
 def main() -> None:
